@@ -1,0 +1,85 @@
+"""Training wrapper over ultralytics: offline, deterministic, results in one folder.
+
+`train()` runs `YOLO(model).train(...)` with qbench's defaults (no AMP check
+download, plots with a local font, fixed seed) and leaves in `out_dir`:
+
+    weights/best.pt   the checkpoint to quantize (last.pt is dropped: it carries
+                      the optimizer state and is only needed to resume)
+    args.yaml         every argument ultralytics trained with
+    results.csv       per-epoch losses and val metrics
+    train.json        qbench's summary: model config, data, final val metrics,
+                      wall time, versions
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+from .errors import QbenchError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+def resolve_model(model: str) -> str:
+    """A model argument: a .pt checkpoint, a model YAML path, or a name in configs/models/."""
+    p = Path(model)
+    if p.exists():
+        return str(p)
+    for cand in (CONFIG_DIR / model, CONFIG_DIR / f"{model}.yaml"):
+        if cand.exists():
+            return str(cand)
+    if model.endswith(".pt"):
+        raise QbenchError(f"Weights file '{model}' does not exist; pass the path of a trained best.pt.")
+    if model.endswith((".yaml", ".yml")) and "/" not in model:
+        return model  # an ultralytics built-in config such as yolo11n.yaml
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise QbenchError(f"Model '{model}' is neither a file nor a known config; use a .pt/.yaml path or one of: {known}.")
+
+
+def train(model: str, data: str, out_dir: str | Path, *, epochs: int = 100, imgsz: int = 320, batch: int = 16,
+          device: str = "cpu", seed: int = 0, workers: int = 2, **overrides) -> Path:
+    """Train `model` on `data`; returns the path of best.pt in `out_dir`."""
+    from .data.dataset import load_data_yaml
+    from .ultra import YOLO
+
+    load_data_yaml(data)  # fail early, with a clear message, on a broken data.yaml
+    out_dir = Path(out_dir).resolve()
+    if (out_dir / "weights" / "best.pt").exists() and not overrides.get("exist_ok"):
+        raise QbenchError(f"'{out_dir}' already holds a trained model; choose another --out or delete it.")
+    work = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    args = dict(data=str(Path(data).resolve()), epochs=epochs, imgsz=imgsz, batch=batch, device=device, seed=seed,
+                deterministic=True, workers=workers, amp=device != "cpu", plots=True, project=str(work.parent),
+                name=work.name, exist_ok=True, verbose=True)
+    args.update(overrides)
+    t0 = time.time()
+    yolo = YOLO(resolve_model(model))
+    yolo.train(**args)
+    wall = time.time() - t0
+    metrics = {}
+    results_csv = work / "results.csv"
+    if results_csv.exists():
+        rows = [r.split(",") for r in results_csv.read_text().strip().splitlines()]
+        header = [h.strip() for h in rows[0]]
+        best = max(rows[1:], key=lambda r: 0.1 * float(r[header.index("metrics/mAP50(B)")])
+                   + 0.9 * float(r[header.index("metrics/mAP50-95(B)")]))
+        metrics = {h: float(v) for h, v in zip(header, best)}
+    import torch
+    import ultralytics
+
+    summary = {
+        "model": model, "data": str(data), "epochs": epochs, "imgsz": imgsz, "batch": batch, "device": device,
+        "seed": seed, "wall_time_s": round(wall, 1), "best_epoch_metrics": metrics,
+        "versions": {"ultralytics": ultralytics.__version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+    }
+    (work / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (work / "weights" / "last.pt").unlink(missing_ok=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    work.rename(out_dir)
+    return out_dir / "weights" / "best.pt"
