@@ -49,3 +49,9 @@ if any(SETTINGS[k] for k in _OFF):
     SETTINGS.update(_OFF)
 
 __all__ = ["YOLO", "ultralytics", "config_dir"]
+
+# ultralytics pins torch to (cores - 1) threads on CPU (select_device), which is
+# a single thread on a 2-core machine: give torch every core instead.
+from ultralytics.utils import torch_utils as _torch_utils  # noqa: E402
+
+_torch_utils.NUM_THREADS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

@@ -1,0 +1,151 @@
+"""qbench command line: a thin typer layer over the library.
+
+Each command parses its options, calls one library function, prints. Bad input
+(QbenchError) prints one sentence on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import QbenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="INT8 quantization and validation workbench for YOLO detectors.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: the embedded synthetic traffic-sign set.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks whose outputs are committed under results/.")
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+
+
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="Folder to write images/, labels/ and data.yaml into."),
+    train: int = typer.Option(1200, help="Number of training images."),
+    val: int = typer.Option(200, help="Number of validation images."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives the same images."),
+):
+    """Generate the synthetic traffic-sign detection set (4 GTSDB superclasses)."""
+    from .data.default import synth_dataset
+
+    yaml_path = synth_dataset(out, n_train=train, n_val=val, seed=seed, progress=True)
+    typer.echo(str(yaml_path))
+
+
+@app.command()
+def train(
+    model: str = typer.Argument("yolo11n-l3-leaky", help="Model config (name in configs/models/ or a .yaml) or a .pt to fine-tune."),
+    data: Path = typer.Option(..., "--data", help="data.yaml of the dataset."),
+    out: Path = typer.Option(..., "--out", help="Run folder, e.g. results/training/my-run."),
+    epochs: int = typer.Option(100),
+    imgsz: int = typer.Option(320),
+    batch: int = typer.Option(16),
+    device: str = typer.Option("cpu", help="'cpu' or a CUDA device such as '0'."),
+    seed: int = typer.Option(0),
+    workers: int = typer.Option(2),
+    close_mosaic: int = typer.Option(10, help="Turn mosaic augmentation off for the last N epochs."),
+):
+    """Train a detector with ultralytics, offline; writes weights/best.pt, args.yaml, results.csv, train.json."""
+    from .train import train as run_train
+
+    best = run_train(model, str(data), out, epochs=epochs, imgsz=imgsz, batch=batch, device=device, seed=seed,
+                     workers=workers, close_mosaic=close_mosaic)
+    typer.echo(str(best))
+
+
+@app.command()
+def export(
+    weights: Path = typer.Argument(..., help="Trained checkpoint (best.pt)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output .onnx (default: next to the weights, fp32.onnx)."),
+    imgsz: Optional[int] = typer.Option(None, help="Input size (default: the size the model was trained at)."),
+    opset: int = typer.Option(17, help="ONNX opset (at most 20: ONNX Runtime's INT8 quantizer rejects newer)."),
+):
+    """Export a checkpoint to an FP32 ONNX (no NMS, dynamic batch) carrying class names, imgsz and stride."""
+    from .models.export import export_onnx
+
+    out = out or weights.with_name(weights.stem + ".onnx")
+    typer.echo(str(export_onnx(weights, out, imgsz=imgsz, opset=opset)))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="Model to evaluate: .onnx (ONNX Runtime) or .pt (PyTorch)."),
+    data: Path = typer.Option(..., "--data", help="data.yaml of the dataset."),
+    split: str = typer.Option("val"),
+    imgsz: Optional[int] = typer.Option(None, help="Default: the model's own input size."),
+    batch: int = typer.Option(16),
+    conf: float = typer.Option(0.001, help="Confidence threshold (ultralytics' val default)."),
+    iou: float = typer.Option(0.7, help="NMS IoU threshold (ultralytics' val default)."),
+    threads: Optional[int] = typer.Option(None, help="Inference threads (default: all cores)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write metrics.json here."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images (smoke tests)."),
+):
+    """Evaluate a model: mAP50, mAP50-95, precision, recall and per-class AP, as `yolo val` computes them."""
+    from .evaluate import EvalSettings, evaluate, format_table, write_json
+
+    settings = EvalSettings(split=split, imgsz=imgsz, batch=batch, conf=conf, iou=iou, threads=threads, limit=limit)
+    result = evaluate(model, data, settings, progress=True)
+    typer.echo(format_table(result))
+    t = result["timing"]
+    typer.echo(f"{result['data']['images']} images in {t['wall_s']:.1f} s "
+               f"({t['inference_ms_per_image']:.1f} ms/image inference)")
+    if out:
+        write_json(result, out)
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
+def run(
+    weights: Optional[Path] = typer.Option(None, help="Trained best.pt (default: the committed default model)."),
+    data: Optional[Path] = typer.Option(None, help="data.yaml (default: the embedded synthetic set, generated on first use)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/qbench/run, run2, ...)."),
+    imgsz: Optional[int] = typer.Option(None, help="Default: the size the model was trained at."),
+    batch: int = typer.Option(16),
+    threads: Optional[int] = typer.Option(None),
+):
+    """The main job: load the model, export FP32 ONNX, evaluate it; writes a run folder with a summary."""
+    from .pipeline import run as run_pipeline
+
+    run_dir = run_pipeline(weights=weights, data=data, out=out, imgsz=imgsz, batch=batch, threads=threads,
+                           progress=True)
+    typer.echo((run_dir / "summary.md").read_text())
+    typer.echo(f"run folder: {run_dir}")
+
+
+@bench_app.command("eval")
+def bench_eval(
+    model: Path = typer.Argument(..., help="FP32 .onnx to evaluate both ways."),
+    data: Path = typer.Option(..., "--data"),
+    out: Path = typer.Option(..., "--out", help="Folder for bench.json and summary.md, e.g. results/bench/eval-gtsdb4."),
+    repeats: int = typer.Option(2, help="Timed runs of each evaluator, interleaved."),
+    batch: int = typer.Option(16),
+):
+    """qbench eval vs ultralytics' YOLO(onnx).val on the same ONNX and data: time and metrics side by side."""
+    from .bench import bench_eval as run_bench
+
+    summary = run_bench(model, data, out, repeats=repeats, batch=batch, argv=sys.argv)
+    typer.echo(summary)
+
+
+def main() -> None:
+    """Console entry point: typer handles usage errors (exit 2); QbenchError becomes one line and exit 2."""
+    try:
+        app()
+    except QbenchError as e:
+        _say(f"error: {e}")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

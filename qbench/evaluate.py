@@ -1,0 +1,169 @@
+"""One evaluation path for every model format.
+
+images -> letterbox (as ultralytics) -> batched forward (ONNX Runtime or
+PyTorch) -> ultralytics' NMS -> ultralytics' matching and AP -> metrics.json.
+
+Boxes are matched in model-input pixels, as ultralytics' validator does, so
+the numbers agree with `yolo val ... rect=False` on the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from . import __version__
+from .data.dataset import image_files, load_data_yaml, read_image, read_labels
+from .data.preprocess import letterbox, to_input
+from .errors import QbenchError
+from .progress import bar
+from .runtime import Detector, open_model
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    split: str = "val"
+    imgsz: int | None = None  # None: the model's own
+    batch: int = 16
+    conf: float = 0.001
+    iou: float = 0.7
+    max_det: int = 300
+    threads: int | None = None
+    limit: int | None = None  # evaluate only the first N images (smoke tests)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def evaluate(model: str | Path | Detector, data: str | Path, settings: EvalSettings = EvalSettings(),
+             progress: bool = False) -> dict:
+    """Evaluate `model` (.onnx / .pt path, or an open Detector) on a split of `data`; returns the metrics dict."""
+    import torch
+
+    import qbench.ultra  # noqa: F401  (ultralytics offline)
+    from ultralytics.engine.validator import BaseValidator
+    from ultralytics.utils import nms
+    from ultralytics.utils.metrics import DetMetrics, box_iou
+
+    spec = load_data_yaml(data, require=(settings.split,))
+    det = model if isinstance(model, Detector) else open_model(model, settings.threads)
+    if len(det.names) != spec.nc:
+        raise QbenchError(f"Model '{det.path}' predicts {len(det.names)} classes but '{spec.yaml_path}' has {spec.nc}; "
+                          "evaluate it on the data it was trained for.")
+    imgsz = settings.imgsz or det.imgsz
+    if det.kind == "onnx" and imgsz != det.imgsz:
+        raise QbenchError(f"'{det.path}' was exported for imgsz {det.imgsz}, not {imgsz}; "
+                          f"drop --imgsz or re-export with `qbench export --imgsz {imgsz}`.")
+    files = image_files(spec, settings.split)
+    if settings.limit:
+        files = files[: settings.limit]
+    labels = [read_labels(f, spec.nc) for f in files]  # all labels checked before any compute: bad data fails fast
+    batch = settings.batch if det.dynamic_batch else 1
+
+    names = {i: n for i, n in enumerate(spec.names)}
+    metrics = DetMetrics(names=names)
+    matcher = SimpleNamespace(iouv=torch.linspace(0.5, 0.95, 10))
+    t_pre = t_inf = t_post = 0.0
+    t_start = time.perf_counter()
+    chunks = [range(i, min(i + batch, len(files))) for i in range(0, len(files), batch)]
+
+    def load(chunk):
+        t = time.perf_counter()
+        out = [letterbox(read_image(files[i]), imgsz) for i in chunk]
+        return out, time.perf_counter() - t
+
+    with ThreadPoolExecutor(max_workers=1) as pool, bar(len(files), f"Evaluating {det.path.name}", progress) as adv:
+        pending = pool.submit(load, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            items, dt = pending.result()
+            t_pre += dt
+            if k + 1 < len(chunks):  # decode the next batch while this one runs
+                pending = pool.submit(load, chunks[k + 1])
+            t = time.perf_counter()
+            raw = det.forward(to_input([it[0] for it in items]))
+            t_inf += time.perf_counter() - t
+            t = time.perf_counter()
+            preds = nms.non_max_suppression(torch.from_numpy(raw), settings.conf, settings.iou, nc=0,
+                                            multi_label=True, max_det=settings.max_det)
+            for i, (_, geo), pred in zip(chunks[k], items, preds):
+                lab = labels[i]
+                tcls = torch.from_numpy(lab[:, 0])
+                pcls, pconf = pred[:, 5], pred[:, 4]
+                if len(lab) and len(pred):
+                    iou = box_iou(torch.from_numpy(geo.boxes_to_input(lab[:, 1:])), pred[:, :4])
+                    tp = BaseValidator.match_predictions(matcher, pcls, tcls, iou).numpy()
+                else:
+                    tp = np.zeros((len(pred), 10), dtype=bool)
+                metrics.update_stats({"tp": tp, "conf": pconf.numpy(), "pred_cls": pcls.numpy(),
+                                      "target_cls": tcls.numpy(), "target_img": np.unique(tcls.numpy()),
+                                      "im_name": files[i].name})
+            t_post += time.perf_counter() - t
+            adv(len(items))
+    wall = time.perf_counter() - t_start
+    metrics.process(plot=False)
+    return _result(det, spec, files, settings, imgsz, batch, metrics, wall, t_pre, t_inf, t_post)
+
+
+def _result(det, spec, files, settings, imgsz, batch, metrics, wall, t_pre, t_inf, t_post) -> dict:
+    p, r, map50, map5095 = (float(x) for x in metrics.mean_results())
+    per_class = []
+    ap_index = list(metrics.ap_class_index)
+    for c, name in enumerate(spec.names):
+        row = {"class": name, "id": c, "images": int(metrics.nt_per_image[c]),
+               "instances": int(metrics.nt_per_class[c])}
+        if c in ap_index:
+            cp, cr, c50, c5095 = metrics.class_result(ap_index.index(c))
+            row.update(precision=float(cp), recall=float(cr), mAP50=float(c50), **{"mAP50-95": float(c5095)})
+        else:
+            row.update(precision=None, recall=None, mAP50=None, **{"mAP50-95": None})
+        per_class.append(row)
+    n = len(files)
+    return {
+        "model": {"path": str(det.path), "format": det.kind, "sha256": _sha256(det.path)},
+        "data": {"yaml": str(spec.yaml_path), "split": settings.split, "images": n,
+                 "instances": int(metrics.nt_per_class.sum())},
+        "metrics": {"precision": p, "recall": r, "mAP50": map50, "mAP50-95": map5095},
+        "per_class": per_class,
+        "settings": {**asdict(settings), "imgsz": imgsz, "batch": batch, "threads": det.threads},
+        "timing": {"wall_s": round(wall, 3), "images_per_s": round(n / wall, 2) if wall else None,
+                   "preprocess_ms_per_image": round(1000 * t_pre / max(n, 1), 2),
+                   "inference_ms_per_image": round(1000 * t_inf / max(n, 1), 2),
+                   "postprocess_ms_per_image": round(1000 * t_post / max(n, 1), 2)},
+        "qbench_version": __version__,
+    }
+
+
+def write_json(obj: dict, path: str | Path) -> Path:
+    """Write JSON atomically: a temp name, then rename, so no half-written file looks complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table like ultralytics' validator prints."""
+    head = f"{'Class':>14} {'Images':>7} {'Instances':>9} {'P':>7} {'R':>7} {'mAP50':>7} {'mAP50-95':>9}"
+    m, d = result["metrics"], result["data"]
+    lines = [head, f"{'all':>14} {d['images']:>7} {d['instances']:>9} {m['precision']:>7.3f} {m['recall']:>7.3f} "
+                   f"{m['mAP50']:>7.3f} {m['mAP50-95']:>9.3f}"]
+    for row in result["per_class"]:
+        vals = [row[k] for k in ("precision", "recall", "mAP50")] + [row["mAP50-95"]]
+        cells = " ".join(f"{v:>7.3f}" if v is not None else f"{'-':>7}" for v in vals[:3])
+        last = f"{vals[3]:>9.3f}" if vals[3] is not None else f"{'-':>9}"
+        lines.append(f"{row['class']:>14} {row['images']:>7} {row['instances']:>9} {cells} {last}")
+    return "\n".join(lines)

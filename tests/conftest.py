@@ -1,0 +1,58 @@
+"""Shared fixtures: the committed default model, small synthetic data, the real datasets when present."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+GTSDB4 = SHARED / "gtsdb4" / "data.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Every test session gets its own qbench cache (ultralytics settings, fonts, default data)."""
+    if not os.environ.get("QBENCH_CACHE"):
+        os.environ["QBENCH_CACHE"] = str(tmp_path_factory.mktemp("qbench-cache"))
+
+
+@pytest.fixture(scope="session")
+def default_weights() -> Path:
+    from qbench.data.default import DEFAULT_WEIGHTS
+
+    assert DEFAULT_WEIGHTS.exists(), "the committed default model is missing"
+    return DEFAULT_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def synth_val(tmp_path_factory) -> Path:
+    """The default synthetic val split (all 200 images, identical to the default set's), no train images."""
+    from qbench.data.default import DEFAULT_VAL, synth_dataset
+
+    return synth_dataset(tmp_path_factory.mktemp("synth") / "val200", n_train=0, n_val=DEFAULT_VAL)
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory) -> Path:
+    """A tiny synthetic set (8 train, 12 val) for smoke tests."""
+    from qbench.data.default import synth_dataset
+
+    return synth_dataset(tmp_path_factory.mktemp("synth") / "small", n_train=8, n_val=12)
+
+
+@pytest.fixture(scope="session")
+def default_onnx(tmp_path_factory, default_weights) -> Path:
+    from qbench.models.export import export_onnx
+
+    return export_onnx(default_weights, tmp_path_factory.mktemp("onnx") / "fp32.onnx")
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `qbench` command line in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "qbench", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=600)
