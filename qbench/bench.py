@@ -31,8 +31,23 @@ def _ultralytics_val(model: Path, data: Path, imgsz: int, batch: int, conf: floa
 
 
 def bench_eval(model: str | Path, data: str | Path, out: str | Path, repeats: int = 2, batch: int = 16,
-               argv: list[str] | None = None) -> str:
-    model, data, out = Path(model), Path(data), Path(out)
+               imgsz: int | None = None, argv: list[str] | None = None) -> str:
+    """Time both evaluators on `model` (.onnx, or a .pt exported to a temporary FP32 ONNX at `imgsz`)."""
+    from .data.dataset import load_data_yaml
+
+    data, out = Path(data), Path(out)
+    load_data_yaml(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        if Path(model).suffix.lower() == ".pt":
+            from .models.export import export_onnx
+
+            onnx_path = export_onnx(model, Path(tmp) / "fp32.onnx", imgsz=imgsz)
+        else:
+            onnx_path = Path(model)
+        return _bench_eval(onnx_path, Path(model), data, out, repeats, batch, argv)
+
+
+def _bench_eval(model: Path, source: Path, data: Path, out: Path, repeats: int, batch: int, argv) -> str:
     settings = EvalSettings(batch=batch)
     # a warm-up of each, untimed, so neither pays for first-touch file caching or imports
     first = evaluate(model, data, settings)
@@ -50,7 +65,7 @@ def bench_eval(model: str | Path, data: str | Path, out: str | Path, repeats: in
     command = " ".join(["qbench", *(argv or [])[1:]]) if argv else f"qbench bench eval {model} --data {data} --out {out}"
     result = {
         "command": command,
-        "model": str(model), "data": str(data), "images": ours["data"]["images"], "imgsz": imgsz, "batch": batch,
+        "model": str(source), "data": str(data), "images": ours["data"]["images"], "imgsz": imgsz, "batch": batch,
         "threads": default_threads(), "repeats": repeats,
         "qbench_eval_s": [round(x, 2) for x in times_q], "ultralytics_val_s": [round(x, 2) for x in times_u],
         "median_qbench_s": round(q, 2), "median_ultralytics_s": round(u, 2), "speedup": round(u / q, 3),

@@ -122,8 +122,9 @@ def run(
 
 @bench_app.command("eval")
 def bench_eval(
-    model: Path = typer.Argument(..., help="FP32 .onnx to evaluate both ways."),
+    model: Path = typer.Argument(..., help="FP32 .onnx, or a .pt exported on the fly (at --imgsz)."),
     data: Path = typer.Option(..., "--data"),
+    imgsz: Optional[int] = typer.Option(None, help="Export size for a .pt (default: its training size)."),
     out: Path = typer.Option(..., "--out", help="Folder for bench.json and summary.md, e.g. results/bench/eval-gtsdb4."),
     repeats: int = typer.Option(2, help="Timed runs of each evaluator, interleaved."),
     batch: int = typer.Option(16),
@@ -131,7 +132,7 @@ def bench_eval(
     """qbench eval vs ultralytics' YOLO(onnx).val on the same ONNX and data: time and metrics side by side."""
     from .bench import bench_eval as run_bench
 
-    summary = run_bench(model, data, out, repeats=repeats, batch=batch, argv=sys.argv)
+    summary = run_bench(model, data, out, repeats=repeats, batch=batch, imgsz=imgsz, argv=sys.argv)
     typer.echo(summary)
 
 

@@ -74,12 +74,12 @@ def _open_onnx(path: Path, threads: int | None) -> Detector:
 def _open_pt(path: Path, threads: int | None) -> Detector:
     import torch
 
-    from .models.load import load_checkpoint
+    from .models.load import checkpoint_imgsz, load_checkpoint
 
     yolo = load_checkpoint(path)
     model = yolo.model.float().eval()
     model = model.fuse() if hasattr(model, "fuse") else model
-    imgsz = int((yolo.ckpt or {}).get("train_args", {}).get("imgsz", 640)) if hasattr(yolo, "ckpt") else 640
+    imgsz = checkpoint_imgsz(yolo) or 640  # ultralytics' default when a checkpoint does not say
     names = [model.names[i] for i in range(len(model.names))]
     n_threads = threads or default_threads()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def train(model: str, data: str, out_dir: str | Path, *, epochs: int = 100, imgs
     import ultralytics
 
     summary = {
+        "command": " ".join(["qbench", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("qbench", "__main__.py") else None,
         "model": model, "data": str(data), "epochs": epochs, "imgsz": imgsz, "batch": batch, "device": device,
         "seed": seed, "wall_time_s": round(wall, 1), "best_epoch_metrics": metrics,
         "versions": {"ultralytics": ultralytics.__version__, "torch": torch.__version__,

@@ -1,0 +1,96 @@
+"""Bad input through the real command line: one sentence naming the file, exit code 2, nothing half-written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+
+def _copy_data(src_yaml: Path, dst: Path) -> Path:
+    shutil.copytree(src_yaml.parent, dst)
+    return dst / "data.yaml"
+
+
+def _assert_user_error(r, *needles: str):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    err = r.stderr.strip().splitlines()
+    assert err and err[-1].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in err[-1], (n, err[-1])
+
+
+def test_run_with_missing_weights(tmp_path, synth_small):
+    out = tmp_path / "run"
+    r = run_cli("run", "--weights", str(tmp_path / "nope.pt"), "--data", str(synth_small), "--out", str(out))
+    _assert_user_error(r, "nope.pt")
+    assert not out.exists()
+
+
+def test_run_with_a_file_that_is_not_a_checkpoint(tmp_path, synth_small):
+    fake = tmp_path / "best.pt"
+    fake.write_text("these are not weights\n")
+    r = run_cli("run", "--weights", str(fake), "--data", str(synth_small), "--out", str(tmp_path / "run"))
+    _assert_user_error(r, "best.pt")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("yaml_text, needle", [
+    ("train: images/train\nnames: [prohibitory, danger, mandatory, other]\n", "'val'"),
+    ("train: images/train\nval: images/val\n", "'names'"),
+    ("train: images/train\nval: images/nowhere\nnames: [prohibitory, danger, mandatory, other]\n", "nowhere"),
+])
+def test_eval_with_broken_data_yaml(tmp_path, synth_small, default_onnx, yaml_text, needle):
+    data = _copy_data(synth_small, tmp_path / "d")
+    data.write_text(yaml_text)
+    r = run_cli("eval", str(default_onnx), "--data", str(data), "--out", str(tmp_path / "m.json"))
+    _assert_user_error(r, "data.yaml", needle)
+    assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("row, needle", [("7 0.5 0.5 0.1 0.1", "class id 7"), ("0 0.5 0.5", "line 2")])
+def test_eval_with_bad_label_rows(tmp_path, synth_small, default_onnx, row, needle):
+    data = _copy_data(synth_small, tmp_path / "d")
+    label = sorted((data.parent / "labels" / "val").glob("*.txt"))[3]
+    label.write_text("0 0.5 0.5 0.2 0.2\n" + row + "\n")
+    r = run_cli("eval", str(default_onnx), "--data", str(data), "--out", str(tmp_path / "m.json"))
+    _assert_user_error(r, label.name, needle)
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_run_with_an_unreadable_image_leaves_no_run_folder(tmp_path, synth_small, default_weights):
+    data = _copy_data(synth_small, tmp_path / "d")
+    bad = sorted((data.parent / "images" / "val").glob("*.jpg"))[-1]
+    bad.write_bytes(b"\x00not a jpeg" * 10)
+    out = tmp_path / "runs" / "r1"
+    r = run_cli("run", "--weights", str(default_weights), "--data", str(data), "--out", str(out))
+    _assert_user_error(r, bad.name)
+    assert not out.exists() and not list(out.parent.glob("*")), list(out.parent.glob("*"))
+
+
+def test_run_with_a_model_whose_classes_differ_from_the_data(tmp_path, synth_small, default_weights):
+    data = _copy_data(synth_small, tmp_path / "d")
+    data.write_text("train: images/train\nval: images/val\nnames: [a, b]\n")
+    out = tmp_path / "run"
+    r = run_cli("run", "--weights", str(default_weights), "--data", str(data), "--out", str(out))
+    _assert_user_error(r, "4 classes", "2")
+    assert not out.exists()
+
+
+def test_run_end_to_end_writes_a_complete_run_folder(tmp_path, synth_small, default_weights):
+    import json
+
+    out = tmp_path / "run"
+    r = run_cli("run", "--weights", str(default_weights), "--data", str(synth_small), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    for name in ("model.json", "fp32.onnx", "metrics.json", "run.json", "summary.md"):
+        assert (out / name).exists(), name
+    m = json.loads((out / "metrics.json").read_text())["fp32"]
+    assert m["data"]["images"] == 12 and 0 <= m["metrics"]["mAP50-95"] <= 1
+    assert f"{m['metrics']['mAP50-95']:.3f}" in (out / "summary.md").read_text()
+    facts = json.loads((out / "model.json").read_text())
+    assert facts["activations"].get("LeakyReLU", 0) > 0 and "SiLU" not in facts["activations"]
