@@ -1,0 +1,700 @@
+"""ONNX Runtime static INT8 (QDQ) quantization of a YOLO detector, driven by a recipe.
+
+Steps (all intermediate files live in a private temporary folder, never next to
+the user's files):
+
+1. check that the FP32 ONNX is a YOLO detector: one 4-D image input and an
+   output shaped (N, 4 + nc, anchors);
+2. `quant_pre_process` (shape inference + basic graph optimisation). Symbolic
+   shape inference stops on qbench's batch-dynamic exports ("floor(1.0*batch)"
+   from the upsampling Resize cannot be merged with "batch"), so it is retried
+   with auto_merge, and as a last resort with ONNX shape inference only. It runs
+   with the temporary folder as working directory, because ORT's symbolic shape
+   inference drops sym_shape_infer_temp.onnx and a <uuid>.data copy of all
+   weights into the current folder whenever it gives up;
+3. find the detect head FROM THE GRAPH (`find_head`): walk back from the graph
+   output through every non-Conv op until a Conv is reached. Those Convs are the
+   last conv of each detect branch (box and class, per scale); everything the
+   walk passed (reshapes and concats of the scales, the DFL softmax and its
+   fixed arange(16) 1x1 Conv, the anchor/stride box arithmetic, the class
+   sigmoid, the final concat) is the decode and stays float. The DFL Conv is
+   recognised by its weight (1, c, 1, 1) = arange(c) fed by a Softmax, so the
+   walk passes through it. Shape/Size ops end the walk (they read shapes only).
+   The branch convs stay int8 (QLinearConv); ORT puts a Q/DQ pair on their
+   outputs, and the decode reads those through one DequantizeLinear each;
+4. calibrate with ONNX Runtime's calibrators on a streaming `CalibrationReader`,
+   fed CHUNK_IMAGES images per `collect_data` call, so memory stays bounded for
+   every method (ORT's calibrators keep every activation of every image one call
+   reads). Histogram methods first take a min/max pass and pre-size every
+   histogram to its final range (`_seed_histograms`): entropy and distribution
+   then give exactly ORT's all-at-once result, instead of histograms that grow
+   chunk by chunk (different thresholds, and a quadratic entropy search);
+5. `quantize_static(QDQ)` with those ranges (passed as ORT's calibration cache,
+   so num_bins, which quantize_static does not forward, is honoured), the
+   exclusions and the recipe's types and options;
+6. copy the FP32 model's metadata (class names, imgsz, ...) into the INT8 model,
+   load it in ONNX Runtime with every optimisation (which fuses QDQ groups into
+   QLinearConv & co.) and run it once; write recipe.yaml (the recipe actually
+   used + the excluded node names) next to the output, then rename the model into
+   place last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import inspect
+import io
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..calibration import CalibrationReader, load_manifest
+from ..errors import QbenchError
+from ..progress import bar
+from .recipe import MAX_OPSET, MIN_CALIB, Recipe, load_recipe, write_recipe
+
+LOG = logging.getLogger("qbench")
+
+CHUNK_IMAGES = 4  # images per calibrator.collect_data call: bounds the activations held at once
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})  # read a tensor's shape, not its values: the head walk stops
+LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten"})
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
+RECIPE_FILE = "recipe.yaml"
+
+
+# --------------------------------------------------------------------------- graph helpers
+def _constants(graph) -> dict:
+    """name -> TensorProto for initializers and Constant nodes."""
+    out = {t.name: t for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = a.t
+    return out
+
+
+def _dims(value_info) -> list:
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def _opset(model) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _name_nodes(model) -> bool:
+    """Give unnamed nodes unique names (ORT's exclusion lists work by name); True if any was renamed."""
+    seen, changed = set(), False
+    for i, n in enumerate(model.graph.node):
+        if not n.name or n.name in seen:
+            n.name = f"{n.op_type}_qb{i}"
+            changed = True
+        seen.add(n.name)
+    return changed
+
+
+@dataclass
+class HeadInfo:
+    """Where the YOLO detect head's float decode begins."""
+
+    branch_convs: list[str]  # last Conv of each detect branch: quantized, the decode reads their (DQ) outputs
+    dfl_convs: list[str]  # the fixed DFL Conv(s): part of the decode
+    decode: list[str]  # every node after the branch convs, in graph order: kept float
+    decode_op_types: dict[str, int]
+
+
+def _is_dfl_conv(node, consts: dict, producers: dict) -> bool:
+    """A Conv whose weight is (1, c, 1, 1) = arange(c), no (or zero) bias, fed by a Softmax through layout ops."""
+    from onnx import numpy_helper
+
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in consts:
+        return False
+    w = numpy_helper.to_array(consts[node.input[1]])
+    if w.ndim != 4 or w.shape[0] != 1 or w.shape[2:] != (1, 1) or w.shape[1] < 2:
+        return False
+    if not np.allclose(w.reshape(-1), np.arange(w.shape[1]), atol=1e-5):
+        return False
+    if len(node.input) > 2 and node.input[2]:
+        b = consts.get(node.input[2])
+        if b is None or np.any(numpy_helper.to_array(b) != 0):
+            return False
+    t = node.input[0]
+    for _ in range(6):
+        p = producers.get(t)
+        if p is None:
+            return False
+        if p.op_type == "Softmax":
+            return True
+        if p.op_type not in LAYOUT_OPS:
+            return False
+        t = p.input[0]
+    return False
+
+
+def find_head(model, path: str | os.PathLike = "model") -> HeadInfo:
+    """The YOLO detect-head decode of an ONNX graph (see the module doc); QbenchError when there is none."""
+    g = model.graph
+    if not g.output:
+        raise QbenchError(f"'{path}' is not a YOLO detector: the graph has no output; export one with `qbench export`.")
+    producers = {o: n for n in g.node for o in n.output if o}
+    consts = _constants(g)
+    graph_inputs = {i.name for i in g.input} - set(consts)
+    decode, branch, dfl, visited = set(), [], [], set()
+    reached_input = False
+    stack = [o.name for o in g.output]
+    while stack:
+        t = stack.pop()
+        if not t or t in consts:
+            continue
+        node = producers.get(t)
+        if node is None:
+            reached_input |= t in graph_inputs
+            continue
+        if node.name in visited:
+            continue
+        visited.add(node.name)
+        if node.op_type == "Conv" and not _is_dfl_conv(node, consts, producers):
+            branch.append(node.name)
+            continue
+        decode.add(node.name)
+        if node.op_type == "Conv":
+            dfl.append(node.name)
+        if node.op_type in SHAPE_ONLY_OPS:
+            continue
+        stack.extend(node.input)
+    if reached_input:
+        raise QbenchError(f"'{path}' is not a YOLO detector: its output is computed from the input without a "
+                          "convolution in between; export a YOLO detector with `qbench export`.")
+    if len(branch) < 2:
+        raise QbenchError(f"'{path}' is not a YOLO detector: no detect-head convolutions feed its output; "
+                          "export a YOLO detector with `qbench export`.")
+    order = {n.name: i for i, n in enumerate(g.node)}
+    decode_list = sorted(decode, key=order.__getitem__)
+    ops = Counter(n.op_type for n in g.node if n.name in decode)
+    return HeadInfo(sorted(branch, key=order.__getitem__), sorted(dfl, key=order.__getitem__), decode_list,
+                    dict(sorted(ops.items())))
+
+
+def check_detector(model, path: str | os.PathLike) -> dict:
+    """Input name, imgsz (None if H/W are dynamic), nc and batch dynamism of a YOLO detector ONNX."""
+    import ast
+
+    g = model.graph
+    init = {t.name for t in g.initializer}
+    inputs = [i for i in g.input if i.name not in init]
+    hint = "export one with `qbench export`"
+    if len(inputs) != 1 or len(_dims(inputs[0])) != 4:
+        found = ", ".join(f"{i.name}{_dims(i)}" for i in inputs) or "none"
+        raise QbenchError(f"'{path}' is not a YOLO detector: it needs one 4-D image input (N, 3, H, W), "
+                          f"found {found}; {hint}.")
+    dims = _dims(inputs[0])
+    if isinstance(dims[1], int) and dims[1] != 3:
+        raise QbenchError(f"'{path}' is not a YOLO detector: its input has {dims[1]} channels, not 3 (RGB); {hint}.")
+    h, w = dims[2], dims[3]
+    imgsz = h if isinstance(h, int) and h == w else None
+    if isinstance(h, int) and isinstance(w, int) and h != w:
+        raise QbenchError(f"'{path}' has a non-square input {h}x{w}; qbench works with square inputs, so {hint}.")
+    out = _dims(g.output[0]) if g.output else []
+    if len(out) != 3 or not isinstance(out[1], int) or out[1] < 5:
+        raise QbenchError(f"'{path}' is not a YOLO detector: its output is shaped {out or 'unknown'}, not "
+                          f"(N, 4 + classes, anchors); {hint}.")
+    nc = out[1] - 4
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "names" in meta:
+        try:
+            names = ast.literal_eval(meta["names"])
+            if len(names) != nc:
+                raise QbenchError(f"'{path}' has {len(names)} class names in its metadata but its output has "
+                                  f"4 + {nc} rows; re-export it with `qbench export`.")
+        except (ValueError, SyntaxError, TypeError):
+            pass
+    return {"input_name": inputs[0].name, "imgsz": imgsz, "nc": nc, "batch_dynamic": not isinstance(dims[0], int),
+            "input_shape": dims, "output_shape": out}
+
+
+def _qdq_neighbours(model) -> tuple[dict, dict]:
+    """tensor -> producer op type, tensor -> consumer op types."""
+    prod, cons = {}, {}
+    for n in model.graph.node:
+        for o in n.output:
+            prod[o] = n.op_type
+        for i in n.input:
+            cons.setdefault(i, []).append(n.op_type)
+    return prod, cons
+
+
+def node_summary(qmodel, excluded: set[str]) -> dict:
+    """Per op type: nodes that read a dequantized input (quantized) vs. the rest (float), Q/DQ counts."""
+    prod, _ = _qdq_neighbours(qmodel)
+    quant, flt = Counter(), Counter()
+    quant_names = []
+    for n in qmodel.graph.node:
+        if n.op_type in QDQ_OPS:
+            continue
+        is_q = n.name not in excluded and any(prod.get(i) == "DequantizeLinear" for i in n.input)
+        (quant if is_q else flt)[n.op_type] += 1
+        if is_q:
+            quant_names.append(n.name)
+    ops = Counter(n.op_type for n in qmodel.graph.node)
+    return {"quantized": dict(sorted(quant.items())), "float": dict(sorted(flt.items())),
+            "quantized_total": sum(quant.values()), "float_total": sum(flt.values()),
+            "QuantizeLinear": ops.get("QuantizeLinear", 0), "DequantizeLinear": ops.get("DequantizeLinear", 0)}
+
+
+def head_qdq_violations(qmodel, head: HeadInfo) -> list[str]:
+    """Decode nodes that touch Q/DQ where they should not: any output into a QuantizeLinear, or a dequantized
+    input that does not come straight from a branch conv's output."""
+    prod_node = {o: n for n in qmodel.graph.node for o in n.output}
+    _, cons = _qdq_neighbours(qmodel)
+    branch_outputs = {o for n in qmodel.graph.node if n.name in head.branch_convs for o in n.output}
+    decode = set(head.decode)
+    bad = []
+    for n in qmodel.graph.node:
+        if n.name not in decode:
+            continue
+        if any("QuantizeLinear" in cons.get(o, []) for o in n.output):
+            bad.append(f"{n.name} ({n.op_type}) output is quantized")
+        if n.op_type in SHAPE_ONLY_OPS:  # reads only the shape of a (possibly quantized) body tensor
+            continue
+        for i in n.input:
+            p = prod_node.get(i)
+            if p is not None and p.op_type == "DequantizeLinear":
+                q = prod_node.get(p.input[0])
+                src = prod_node.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+                if src is None or src.name not in head.branch_convs or q.input[0] not in branch_outputs:
+                    bad.append(f"{n.name} ({n.op_type}) reads dequantized {i}")
+    return bad
+
+
+# --------------------------------------------------------------------------- steps
+@contextlib.contextmanager
+def _cwd(path: Path):
+    """Run in `path` (ORT's symbolic shape inference writes sym_shape_infer_temp.onnx + a <uuid>.data copy of the
+    weights into the current folder when it gives up)."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _preprocess(src: Path, dst: Path) -> str:
+    """quant_pre_process with fallbacks, run inside dst's (temporary) folder; returns how shapes were inferred."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    attempts = (("symbolic", {}), ("symbolic+auto_merge", {"auto_merge": True}),
+                ("onnx-only", {"skip_symbolic_shape": True}))
+    errors = []
+    with _cwd(dst.parent):
+        for label, kw in attempts:
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    quant_pre_process(str(src), str(dst), **kw)
+                return label
+            except Exception as e:  # symbolic shape inference raises a bare Exception
+                errors.append(f"{label}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}")
+    raise QbenchError(f"ONNX Runtime cannot prepare '{src.name}' for quantization ({'; '.join(errors)}); "
+                      "re-export it with `qbench export`.")
+
+
+def _op_types_to_quantize() -> list[str]:
+    """What quantize_static quantizes by default (QOperator + QDQ registries); calibration covers the same."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+
+
+def _collect(calibrator, reader: CalibrationReader) -> None:
+    """Feed a calibrator CHUNK_IMAGES images per collect_data call (ORT holds what one call reads)."""
+    n, k = len(reader), max(1, CHUNK_IMAGES // reader.batch)
+    for start in range(0, n, k):
+        reader.set_range(start, start + k)
+        calibrator.collect_data(reader)
+    reader.set_range(0, n)
+
+
+def _seed_histograms(calibrator, minmax) -> int:
+    """Give ORT's histogram collector each tensor's final range before any data arrives; returns tensors seeded.
+
+    ORT sizes a histogram from the first data it sees and, when later data exceeds that range, appends bins of the
+    same width. Fed in chunks, a histogram then grows from num_bins to several times that, which changes entropy's
+    result and makes its O(bins^2) threshold search minutes long. With the range of every tensor known from a min/max
+    pass, each chunk falls into the same fixed bins: entropy and distribution get exactly the histograms ORT builds
+    from all images at once, and percentile (|x| histogram) fixed bins over [0, max|x|].
+    Relies on ORT's HistogramCollector layout (onnxruntime 1.20-1.32); on any mismatch it seeds nothing.
+    """
+    try:
+        from onnxruntime.quantization.calibrate import HistogramCollector
+
+        collector = HistogramCollector(method=calibrator.method, symmetric=calibrator.symmetric,
+                                       num_bins=calibrator.num_bins, num_quantized_bins=calibrator.num_quantized_bins,
+                                       percentile=calibrator.percentile, scenario=calibrator.scenario)
+        absolute = calibrator.method == "percentile" and calibrator.symmetric  # collect_absolute_value's layout
+        wanted = calibrator.tensors_to_calibrate
+        seeded = {}
+        for name in wanted:
+            if name not in minmax:
+                continue
+            lo, hi = (np.asarray(v, np.float32).reshape(-1) for v in minmax[name].range_value)
+            if lo.size != 1 or hi.size != 1 or not (np.isfinite(lo[0]) and np.isfinite(hi[0])):
+                continue
+            mn, mx = lo[0], hi[0]
+            t = np.array(max(abs(mn), abs(mx)), dtype=np.float32)
+            if t == 0:
+                continue
+            nb = calibrator.num_bins
+            if absolute:
+                edges = np.linspace(0, t, nb + 1, dtype=np.float32)
+                seeded[name] = (np.zeros(nb, np.int64), edges, mn, mx)
+            else:  # the same call collect_value makes, so the bins are identical to ORT's one-shot histogram
+                hist, edges = np.histogram(np.zeros(0, np.float32), nb, range=(-t, t))
+                seeded[name] = (hist, edges, mn, mx, t)
+        collector.histogram_dict.update(seeded)
+        calibrator.collector = collector
+        return len(seeded)
+    except (AttributeError, TypeError) as e:  # another ORT layout: fall back to ORT's growing histograms
+        LOG.debug(f"cannot pre-size ORT's histograms ({e}); they grow chunk by chunk")
+        return 0
+
+
+def _calibrate(model_path: Path, workdir: Path, recipe: Recipe, reader: CalibrationReader, op_types: list[str],
+               source: Path):
+    """Ranges for every tensor ORT may quantize, streamed chunk by chunk; histogram methods take a min/max pass
+    first (see `_seed_histograms`). Returns (TensorsData, CalibrationMethod, tensors seeded)."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    method = getattr(CalibrationMethod, METHOD_NAMES[recipe.method])
+    opts = {"moving_average": False}
+    if recipe.method in ("minmax", "entropy"):
+        opts["symmetric"] = recipe.activation_symmetric
+    if recipe.effective_num_bins is not None:
+        opts["num_bins"] = recipe.effective_num_bins
+    if recipe.method == "percentile":
+        opts["percentile"] = recipe.effective_percentile
+    seeded = 0
+    # ORT prints progress lines; its distribution method can take the sqrt of a tiny negative variance (a nan std
+    # that int8 does not use)
+    with contextlib.redirect_stdout(io.StringIO()), np.errstate(invalid="ignore"):
+        try:
+            minmax = None
+            if recipe.method != "minmax":
+                pre = create_calibrator(model_path, op_types,
+                                        augmented_model_path=str(workdir / "augmented_minmax.onnx"),
+                                        calibrate_method=CalibrationMethod.MinMax,
+                                        extra_options={"moving_average": False})
+                _collect(pre, reader)
+                minmax = pre.compute_data()
+                del pre
+            calibrator = create_calibrator(model_path, op_types, augmented_model_path=str(workdir / "augmented.onnx"),
+                                           calibrate_method=method, extra_options=opts)
+            if minmax is not None:
+                seeded = _seed_histograms(calibrator, minmax)
+            _collect(calibrator, reader)
+            ranges = calibrator.compute_data()
+            del calibrator
+        except ValueError as e:
+            if "bins" not in str(e):
+                raise
+            raise QbenchError(f"{recipe.method} calibration of '{source}' failed: an activation barely varies over "
+                              f"the calibration images, so ONNX Runtime cannot build its histogram ({e}; typical of "
+                              f"an untrained model); use 'method: minmax' in recipe {recipe.name} or a trained "
+                              "model.") from e
+    return ranges, method, seeded
+
+
+def _ort_has_calibration_cache() -> bool:
+    """quantize_static(calibration_cache_path=...) exists (ORT 1.32 has it); without it ORT recalibrates."""
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+def _quantize_kwargs(recipe: Recipe, excluded: list[str], op_types: list[str]) -> dict:
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    extra = {"ActivationSymmetric": recipe.activation_symmetric, "WeightSymmetric": recipe.weight_symmetric,
+             "CalibMovingAverage": False}
+    if recipe.method == "percentile":
+        extra["CalibPercentile"] = recipe.effective_percentile
+    return dict(quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types, per_channel=recipe.per_channel,
+                reduce_range=recipe.reduce_range, activation_type=qtype[recipe.activation_type],
+                weight_type=qtype[recipe.weight_type], nodes_to_exclude=list(excluded), extra_options=extra)
+
+
+def _resolve_exclusions(model, head: HeadInfo | None, recipe: Recipe) -> tuple[list[dict], list[str], dict]:
+    """[(node, op_type, reason)], forced-in names, and patterns that matched nothing."""
+    names = [n.name for n in model.graph.node]
+    ops = {n.name: n.op_type for n in model.graph.node}
+    reasons: dict[str, str] = {}
+    if head is not None:
+        dfl = set(head.dfl_convs)
+        for n in head.decode:
+            reasons[n] = "DFL conv (fixed arange weights after the softmax)" if n in dfl else "detect-head decode"
+    unmatched = {"exclude": [], "include": []}
+    for pat in recipe.exclude:
+        hits = fnmatch.filter(names, pat)
+        if not hits:
+            unmatched["exclude"].append(pat)
+        for n in hits:
+            reasons.setdefault(n, f"recipe exclude '{pat}'")
+    forced = []
+    for pat in recipe.include:
+        hits = fnmatch.filter(names, pat)
+        if not hits:
+            unmatched["include"].append(pat)
+        for n in hits:
+            if reasons.pop(n, None) is not None:
+                forced.append(n)
+    order = {n: i for i, n in enumerate(names)}
+    excluded = [{"node": n, "op_type": ops[n], "reason": r}
+                for n, r in sorted(reasons.items(), key=lambda x: order[x[0]])]
+    return excluded, sorted(forced, key=order.__getitem__), unmatched
+
+
+def _calib_paths(calib) -> list[Path]:
+    if isinstance(calib, (str, os.PathLike)):
+        p = Path(calib)
+        if p.suffix.lower() == ".json":
+            return load_manifest(p, verify=True)[1]
+        raise QbenchError(f"calibration set '{p}' is not a manifest .json; build one with `qbench calib`.")
+    return [Path(c) for c in calib]
+
+
+def _atomic_save(model, out: Path) -> Path:
+    import onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the model the permissions of a normal file
+        onnx.save(model, tmp)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _verify(tmp: Path, optimized: Path, input_name: str, imgsz: int, threads: int | None) -> dict:
+    """Load the INT8 model with every ORT optimisation, save the optimised graph, run once; op-type counts."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(optimized)
+    so.intra_op_num_threads = threads or 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
+    y = sess.run(None, {input_name: np.zeros((1, 3, imgsz, imgsz), np.float32)})[0]
+    if not np.isfinite(y).all():
+        raise RuntimeError(f"the quantized model {tmp} gives non-finite outputs on a zero image")
+    opt = onnx.load(str(optimized), load_external_data=False)
+    return dict(sorted(Counter(n.op_type for n in opt.graph.node).items()))
+
+
+# --------------------------------------------------------------------------- entry point
+def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, recipe: Recipe | str | os.PathLike | None,
+                 calib_paths: Sequence[str | os.PathLike] | str | os.PathLike, imgsz: int | None = None,
+                 progress: bool = False, threads: int | None = None) -> dict:
+    """Quantize `fp32_onnx` to a QDQ INT8 `out_onnx` with ONNX Runtime; returns a JSON-able report.
+
+    calib_paths: image paths (the first `recipe.calib_size` are used; a manifest's order is stratified), or the
+    path of a calibration manifest .json (verified). imgsz defaults to the model's input size.
+    Also writes `recipe.yaml` (the recipe used, plus the excluded nodes) next to `out_onnx`.
+    """
+    import onnx
+    import onnxruntime as ort
+    from google.protobuf.message import DecodeError
+    from onnxruntime.quantization import quantize_static
+
+    t_all = time.perf_counter()
+    recipe = load_recipe(recipe)
+    src, out = Path(fp32_onnx), Path(out_onnx)
+    if not src.is_file():
+        raise QbenchError(f"FP32 model '{src}' does not exist; export one with `qbench export`.")
+    if out.suffix.lower() != ".onnx":
+        raise QbenchError(f"output '{out}' does not end in .onnx; pass an output path like int8.onnx.")
+    if out.is_dir():
+        raise QbenchError(f"output '{out}' is a directory; pass a file path like {out / 'int8.onnx'}.")
+    if out.exists() and out.resolve() == src.resolve():
+        raise QbenchError(f"output '{out}' is the FP32 input itself; pass another output path like int8.onnx.")
+
+    paths = _calib_paths(calib_paths)
+    if not paths:
+        raise QbenchError("the calibration set is empty; pass at least 8 training images (default 128), "
+                          "e.g. a manifest from `qbench calib`.")
+    if len(paths) < MIN_CALIB:
+        raise QbenchError(f"the calibration set of {len(paths)} images is too small for stable ranges; use at least "
+                          f"{MIN_CALIB} (default 128).")
+    used = paths[:recipe.calib_size]
+
+    try:
+        model = onnx.load(str(src))
+    except DecodeError as e:
+        raise QbenchError(f"'{src}' is not an ONNX model ({type(e).__name__}); export one with `qbench export`.") from e
+    if not model.graph.node:
+        raise QbenchError(f"'{src}' is not an ONNX model (no graph in it); export one with `qbench export`.")
+    info = check_detector(model, src)
+    if info["imgsz"] is None and imgsz is None:
+        raise QbenchError(f"'{src}' has a dynamic input size; pass imgsz (the size it was trained at, e.g. 640).")
+    if imgsz is None:
+        imgsz = info["imgsz"]
+    if isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz <= 0:
+        raise QbenchError(f"image size {imgsz!r} must be a positive whole number, e.g. 640.")
+    if info["imgsz"] is not None and imgsz != info["imgsz"]:
+        raise QbenchError(f"'{src}' takes {info['imgsz']}x{info['imgsz']} images, not {imgsz}; pass imgsz "
+                          f"{info['imgsz']} or re-export the model at {imgsz}.")
+    opset = _opset(model)
+    if opset is not None and opset > MAX_OPSET:
+        raise QbenchError(f"'{src}' uses opset {opset}, but ONNX Runtime's static INT8 quantization needs opset "
+                          f"{MAX_OPSET} or lower; re-export it with `qbench export` at opset 17.")
+    batch = 1  # calibration batch: ranges do not depend on it, and batch 1 works for static exports too
+    meta = {p.key: p.value for p in model.metadata_props}
+    seconds = {}
+
+    with tempfile.TemporaryDirectory(prefix="qbench-quant-") as td:
+        work = Path(td)
+        pre_in = src
+        if recipe.opset is not None and recipe.opset != opset:
+            from onnx import version_converter
+
+            try:
+                converted = version_converter.convert_version(model, recipe.opset)
+            except Exception as e:
+                raise QbenchError(f"cannot convert '{src}' from opset {opset} to the recipe's opset {recipe.opset} "
+                                  f"({str(e).splitlines()[0][:120]}); re-export it at opset {recipe.opset} or "
+                                  f"set 'opset: null' in recipe {recipe.name}.") from e
+            pre_in = work / "converted.onnx"
+            onnx.save(converted, str(pre_in))
+            opset = recipe.opset
+        del model
+
+        t = time.perf_counter()
+        pre = work / "pre.onnx"
+        shape_mode = _preprocess(pre_in, pre)
+        pmodel = onnx.load(str(pre))
+        if _name_nodes(pmodel):
+            onnx.save(pmodel, str(pre))
+        seconds["preprocess"] = time.perf_counter() - t
+        head = find_head(pmodel, src)  # checked even when keep_head_float is off: it proves this is a detector
+        excluded, forced, unmatched = _resolve_exclusions(pmodel, head if recipe.keep_head_float else None, recipe)
+        for kind, pats in unmatched.items():
+            for pat in pats:
+                LOG.warning(f"recipe {recipe.name}: {kind} pattern '{pat}' matches no node of '{src}'.")
+        excluded_names = [e["node"] for e in excluded]
+        op_types = _op_types_to_quantize()
+        n_pre_nodes = len(pmodel.graph.node)
+        del pmodel
+
+        t = time.perf_counter()
+        passes = 1 if recipe.method == "minmax" else 2  # histogram methods: a min/max pass, then the histograms
+        with bar(len(used) * passes, "Calibrating", progress) as advance:
+            reader = CalibrationReader(used, imgsz, info["input_name"], batch=batch, on_batch=advance)
+            ranges, method, seeded = _calibrate(pre, work, recipe, reader, op_types, src)
+        seconds["calibration"] = time.perf_counter() - t
+        if reader.images_read != len(used) * passes:
+            raise RuntimeError(f"calibration read {reader.images_read} images, expected {len(used) * passes}")
+
+        t = time.perf_counter()
+        from onnxruntime.quantization.calibrate import save_tensors_data
+
+        qpath = work / "int8.onnx"
+        kwargs = _quantize_kwargs(recipe, excluded_names, op_types)
+        if _ort_has_calibration_cache():
+            cache = work / "ranges.json"
+            save_tensors_data(ranges, cache)
+            cache_mode = "qbench calibration, passed as ORT's calibration cache"
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(str(pre), str(qpath), None, calibrate_method=method, calibration_cache_path=str(cache),
+                                **kwargs)
+        else:  # older ORT: quantize_static calibrates again itself, one batch per collect_data call (bounded memory)
+            reader.rewind()
+            reader.on_batch = None  # the progress bar is closed
+            cache_mode = "recalibrated by quantize_static (ORT without calibration_cache_path; num_bins not applied)"
+            kwargs["extra_options"]["CalibStridedMinMax"] = 1
+            if recipe.method in ("minmax", "entropy"):
+                kwargs["extra_options"]["CalibTensorRangeSymmetric"] = recipe.activation_symmetric
+            with contextlib.redirect_stdout(io.StringIO()), np.errstate(invalid="ignore"):
+                quantize_static(str(pre), str(qpath), reader, calibrate_method=method, **kwargs)
+        seconds["quantize"] = time.perf_counter() - t
+
+        qmodel = onnx.load(str(qpath))
+        keep = [(p.key, p.value) for p in qmodel.metadata_props if p.key not in meta]
+        del qmodel.metadata_props[:]
+        extra_meta = {"qbench_quant_engine": f"onnxruntime {ort.__version__} static QDQ",
+                      "qbench_quant_method": recipe.method, "qbench_quant_version": __version__}
+        for k, v in [*meta.items(), *keep, *extra_meta.items()]:
+            e = qmodel.metadata_props.add()
+            e.key, e.value = k, str(v)
+        violations = head_qdq_violations(qmodel, head) if recipe.keep_head_float else []
+        if violations and not forced:  # forcing decode nodes in (recipe include) quantizes their neighbours' edges
+            raise RuntimeError(f"the float head of {src} got Q/DQ nodes: {violations[:5]}")
+        summary = node_summary(qmodel, set(excluded_names))
+        tmp = _atomic_save(qmodel, out)
+        del qmodel
+        resolved = {
+            "model": str(src),
+            "excluded_nodes": excluded_names,
+            "forced_in_nodes": forced,
+            "head_branch_convs": head.branch_convs,
+        }
+        try:
+            t = time.perf_counter()
+            fused = _verify(tmp, work / "optimized.onnx", info["input_name"], imgsz, threads)
+            seconds["verify"] = time.perf_counter() - t
+            # recipe.yaml first, the model last: a model file at `out` means the whole step finished
+            recipe_path = write_recipe(recipe, out.with_name(RECIPE_FILE), resolved)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    seconds["total"] = time.perf_counter() - t_all
+    return {
+        "engine": "ort",
+        "onnxruntime": ort.__version__,
+        "fp32": str(src),
+        "out": str(out),
+        "recipe_file": str(recipe_path),
+        "recipe_source": recipe.name,
+        "recipe": recipe.to_dict(),
+        "imgsz": imgsz,
+        "opset": opset,
+        "calibration": {"images": len(used), "available": len(paths), "requested": recipe.calib_size,
+                        "batch": batch, "method": recipe.method, "num_bins": recipe.effective_num_bins,
+                        "percentile": recipe.effective_percentile, "ranges": cache_mode, "passes": passes,
+                        "histograms_presized": seeded,
+                        "seconds": round(seconds["calibration"], 3)},
+        "preprocess": {"shape_inference": shape_mode},
+        "head": {**asdict(head), "decode_nodes": len(head.decode), "qdq_in_decode": violations}
+                if recipe.keep_head_float else
+                {"kept_float": False, "branch_convs": head.branch_convs},
+        "excluded": excluded,
+        "forced_in": forced,
+        "unmatched_patterns": unmatched,
+        "nodes": {"fp32_after_preprocess": n_pre_nodes, **summary},
+        "ort_optimized_ops": fused,
+        "qlinear_ops": {k: v for k, v in fused.items() if k.startswith("QLinear")},
+        "size_bytes": {"fp32": src.stat().st_size, "int8": out.stat().st_size},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
