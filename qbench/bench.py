@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .evaluate import EvalSettings, evaluate, write_json
+from .evaluate import EvalSettings, evaluate
+from .files import write_json
 from .runtime import default_threads
 
 

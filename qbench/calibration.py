@@ -18,7 +18,6 @@ does not grow with the size of the calibration set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 from .data.dataset import image_files, load_data_yaml, read_image, read_labels
 from .data.preprocess import letterbox, to_input
 from .errors import QbenchError
+from .files import sha256_file, write_json
 
 MANIFEST_VERSION = 1
 REBUILD = "rebuild it with `qbench calib`"
@@ -37,14 +37,6 @@ try:  # the ORT base class gives ORT's own iteration protocol; the reader works 
     from onnxruntime.quantization import CalibrationDataReader as _ReaderBase
 except ImportError:  # pragma: no cover - onnxruntime is a dependency
     _ReaderBase = object
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_count(n, what: str = "n") -> int:
@@ -159,12 +151,7 @@ def build_manifest(data_yaml: str | os.PathLike, n: int, split: str = "train", s
 
 def save_manifest(m: dict, path: str | os.PathLike) -> Path:
     """Write a manifest as JSON, atomically (temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_json(m, path)
 
 
 def load_manifest(path: str | os.PathLike, verify: bool = True) -> tuple[dict, list[Path]]:

@@ -89,7 +89,8 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, help="Only the first N images (smoke tests)."),
 ):
     """Evaluate a model: mAP50, mAP50-95, precision, recall and per-class AP, as `yolo val` computes them."""
-    from .evaluate import EvalSettings, evaluate, format_table, write_json
+    from .evaluate import EvalSettings, evaluate, format_table
+    from .files import write_json
 
     settings = EvalSettings(split=split, imgsz=imgsz, batch=batch, conf=conf, iou=iou, threads=threads, limit=limit)
     result = evaluate(model, data, settings, progress=True)
@@ -103,6 +104,78 @@ def eval_cmd(
 
 
 @app.command()
+def calib(
+    data: Path = typer.Option(..., "--data", help="data.yaml of the dataset."),
+    out: Path = typer.Option(..., "--out", help="Manifest to write, e.g. calibration/mydata-train-128.json."),
+    n: int = typer.Option(128, "--n", help="Number of images."),
+    split: str = typer.Option("train", help="Split to sample (never the one you score)."),
+    seed: int = typer.Option(0),
+):
+    """Build a calibration manifest: a seeded, class-stratified sample (paths + sha256) that later runs reuse."""
+    from .calibration import build_manifest, save_manifest
+
+    m = build_manifest(data, n, split=split, seed=seed)
+    save_manifest(m, out)
+    typer.echo(f"wrote {out}: {m['n']} images of '{split}' (seed {seed}), images per class {m['class_counts']}")
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="FP32 .onnx (from `qbench export`) or a .pt (exported first)."),
+    out: Path = typer.Option(..., "--out", help="INT8 .onnx to write; recipe.yaml goes next to it."),
+    calib_manifest: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest from `qbench calib`."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Or: sample the calibration set from this data's train split."),
+    recipe: str = typer.Option("default", help="Recipe name in configs/recipes/ or a YAML path."),
+):
+    """Static INT8 PTQ with ONNX Runtime (QDQ), the YOLO decode kept in float."""
+    import tempfile
+
+    from .calibration import build_manifest, save_manifest
+    from .data.dataset import image_files, load_data_yaml
+    from .files import write_json
+    from .models.export import export_onnx
+    from .quantize import load_recipe, quantize_ort
+
+    rec = load_recipe(recipe)
+    if (calib_manifest is None) == (data is None):
+        raise QbenchError("pass exactly one of --calib MANIFEST.json or --data DATA.yaml for the calibration images.")
+    with tempfile.TemporaryDirectory() as tmp:
+        if data is not None:
+            n = min(rec.calib_size, len(image_files(load_data_yaml(data, require=("train",)), "train")))
+            calib_manifest = save_manifest(build_manifest(data, n, "train"), Path(tmp) / "calibration.json")
+        fp32 = export_onnx(model, Path(tmp) / "fp32.onnx") if model.suffix.lower() == ".pt" else model
+        report = quantize_ort(fp32, out, rec, calib_manifest, progress=True)
+    write_json(report, out.with_name(out.stem + ".quantize.json"))
+    q = report["qlinear_ops"]
+    typer.echo(f"wrote {out} ({report['size_bytes']['int8'] / 2**20:.1f} MB; {q.get('QLinearConv', 0)} QLinearConv "
+               f"after ORT optimization; {report['head'].get('decode_nodes', 0)} decode nodes kept float)")
+
+
+@app.command()
+def compare(
+    fp32: Path = typer.Argument(..., help="FP32 .onnx."),
+    int8: Path = typer.Argument(..., help="INT8 .onnx."),
+    data: Path = typer.Option(..., "--data"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for compare.json and compare.md."),
+    batch: int = typer.Option(16),
+    threads: Optional[int] = typer.Option(None),
+):
+    """FP32 vs INT8 through the same evaluation path: P, R, mAP50, mAP50-95, per-class deltas, latency, size."""
+    from .compare import compare as run_compare
+    from .compare import compare_md
+    from .evaluate import EvalSettings
+    from .files import write_json
+
+    c = run_compare(fp32, int8, data, EvalSettings(batch=batch, threads=threads), progress=True)
+    md = compare_md(c)
+    typer.echo(md)
+    if out:
+        write_json(c, out / "compare.json")
+        (out / "compare.md").write_text(md)
+        typer.echo(f"wrote {out}/compare.json, compare.md")
+
+
+@app.command()
 def run(
     weights: Optional[Path] = typer.Option(None, help="Trained best.pt (default: the committed default model)."),
     data: Optional[Path] = typer.Option(None, help="data.yaml (default: the embedded synthetic set, generated on first use)."),
@@ -110,12 +183,14 @@ def run(
     imgsz: Optional[int] = typer.Option(None, help="Default: the size the model was trained at."),
     batch: int = typer.Option(16),
     threads: Optional[int] = typer.Option(None),
+    recipe: str = typer.Option("default", help="Quantization recipe (configs/recipes/ name or YAML path)."),
+    calib_manifest: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest (default: sample the train split)."),
 ):
-    """The main job: load the model, export FP32 ONNX, evaluate it; writes a run folder with a summary."""
+    """The main job: export FP32 ONNX, calibrate, quantize to INT8, evaluate both, compare; writes a run folder."""
     from .pipeline import run as run_pipeline
 
     run_dir = run_pipeline(weights=weights, data=data, out=out, imgsz=imgsz, batch=batch, threads=threads,
-                           progress=True)
+                           recipe=recipe, calib=calib_manifest, progress=True)
     typer.echo((run_dir / "summary.md").read_text())
     typer.echo(f"run folder: {run_dir}")
 

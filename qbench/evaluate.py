@@ -9,8 +9,6 @@ the numbers agree with `yolo val ... rect=False` on the same settings.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -23,6 +21,7 @@ from . import __version__
 from .data.dataset import image_files, load_data_yaml, read_image, read_labels
 from .data.preprocess import letterbox, to_input
 from .errors import QbenchError
+from .files import sha256_file
 from .progress import bar
 from .runtime import Detector, open_model
 
@@ -37,14 +36,6 @@ class EvalSettings:
     max_det: int = 300
     threads: int | None = None
     limit: int | None = None  # evaluate only the first N images (smoke tests)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def evaluate(model: str | Path | Detector, data: str | Path, settings: EvalSettings = EvalSettings(),
@@ -131,7 +122,7 @@ def _result(det, spec, files, settings, imgsz, batch, metrics, wall, t_pre, t_in
         per_class.append(row)
     n = len(files)
     return {
-        "model": {"path": str(det.path), "format": det.kind, "sha256": _sha256(det.path)},
+        "model": {"path": str(det.path), "format": det.kind, "sha256": sha256_file(det.path)},
         "data": {"yaml": str(spec.yaml_path), "split": settings.split, "images": n,
                  "instances": int(metrics.nt_per_class.sum())},
         "metrics": {"precision": p, "recall": r, "mAP50": map50, "mAP50-95": map5095},
@@ -143,16 +134,6 @@ def _result(det, spec, files, settings, imgsz, batch, metrics, wall, t_pre, t_in
                    "postprocess_ms_per_image": round(1000 * t_post / max(n, 1), 2)},
         "qbench_version": __version__,
     }
-
-
-def write_json(obj: dict, path: str | Path) -> Path:
-    """Write JSON atomically: a temp name, then rename, so no half-written file looks complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def format_table(result: dict) -> str:

@@ -1,9 +1,12 @@
 """`qbench run`: the main job as a chain of stages over one run folder.
 
-    load     -> model.json    (architecture, classes, imgsz, activations)
-    export   -> fp32.onnx     (no NMS, dynamic batch, class names in metadata)
-    evaluate -> metrics.json  (FP32 through ONNX Runtime, the one evaluation path)
-    report   -> summary.md
+    load      -> model.json        (architecture, classes, imgsz, activations)
+    export    -> fp32.onnx         (no NMS, dynamic batch, class names in metadata)
+    calibrate -> calibration.json  (seeded, class-stratified sample of the train split)
+    quantize  -> int8.onnx, recipe.yaml, quantize.json
+    evaluate  -> metrics.json      (FP32 and INT8 through ONNX Runtime, the one evaluation path)
+    compare   -> compare.json      (accuracy deltas, latency, size)
+    report    -> summary.md
 
 The folder is built under a hidden staging name and renamed when every stage
 has finished, so an interrupted or failed run never leaves a folder that looks
@@ -12,7 +15,6 @@ complete.
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import sys
@@ -23,7 +25,8 @@ from . import __version__
 from .data.dataset import load_data_yaml
 from .data.default import default_data, default_weights
 from .errors import QbenchError
-from .evaluate import EvalSettings, evaluate, write_json
+from .evaluate import EvalSettings, evaluate
+from .files import write_json
 
 
 def next_run_dir(root: Path = Path("runs") / "qbench", name: str = "run") -> Path:
@@ -37,13 +40,19 @@ def next_run_dir(root: Path = Path("runs") / "qbench", name: str = "run") -> Pat
 
 
 def run(weights: Path | None = None, data: Path | None = None, out: Path | None = None, imgsz: int | None = None,
-        batch: int = 16, threads: int | None = None, progress: bool = False) -> Path:
+        batch: int = 16, threads: int | None = None, recipe: str | Path | None = None, calib: Path | None = None,
+        progress: bool = False) -> Path:
+    from .calibration import build_manifest, save_manifest
+    from .compare import compare
+    from .data.dataset import image_files
     from .models.export import export_onnx
     from .models.load import load_checkpoint, model_facts
+    from .quantize import load_recipe, quantize_ort
 
     weights = Path(weights) if weights else default_weights()
     data = Path(data) if data else default_data(progress=progress)
-    spec = load_data_yaml(data, require=("val",))
+    rec = load_recipe(recipe)
+    spec = load_data_yaml(data, require=("val",) if calib else ("val", "train"))
     yolo = load_checkpoint(weights)
     facts = model_facts(yolo, imgsz)
     if facts["nc"] != spec.nc:
@@ -56,21 +65,34 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     timings = {}
+
+    def timed(name, fn, *args, **kwargs):
+        t = time.perf_counter()
+        result = fn(*args, **kwargs)
+        timings[name] = round(time.perf_counter() - t, 2)
+        return result
+
     try:
         write_json(facts, stage / "model.json")
-        t = time.perf_counter()
-        onnx_path = export_onnx(weights, stage / "fp32.onnx", imgsz=facts["imgsz"])
-        timings["export_s"] = round(time.perf_counter() - t, 2)
-        t = time.perf_counter()
-        fp32 = evaluate(onnx_path, data, EvalSettings(batch=batch, threads=threads), progress=progress)
-        timings["evaluate_fp32_s"] = round(time.perf_counter() - t, 2)
-        fp32["model"]["path"] = "fp32.onnx"  # relative to the run folder, which gets renamed
-        write_json({"fp32": fp32}, stage / "metrics.json")
+        onnx_path = timed("export_s", export_onnx, weights, stage / "fp32.onnx", imgsz=facts["imgsz"])
+        if calib is None:  # calibrate on the train split, never on the split being scored
+            n = min(rec.calib_size, len(image_files(spec, "train")))
+            calib = save_manifest(timed("calibration_set_s", build_manifest, data, n, "train"),
+                                  stage / "calibration.json")
+        qreport = timed("quantize_s", quantize_ort, onnx_path, stage / "int8.onnx", rec, calib, progress=progress)
+        write_json(qreport, stage / "quantize.json")
+        cmp = timed("evaluate_and_compare_s", compare, onnx_path, stage / "int8.onnx", data,
+                    EvalSettings(batch=batch, threads=threads), progress=progress)
+        evaluations = cmp.pop("evaluations")
+        for k, r in evaluations.items():
+            r["model"]["path"] = f"{k}.onnx"  # relative to the run folder, which gets renamed
+        write_json(evaluations, stage / "metrics.json")
+        write_json(cmp, stage / "compare.json")
         info = {"qbench_version": __version__, "command": " ".join(["qbench", *sys.argv[1:]]),
-                "weights": str(weights), "data": str(spec.yaml_path), "timings": timings,
-                "python": platform.python_version()}
+                "weights": str(weights), "data": str(spec.yaml_path), "recipe": rec.name,
+                "calibration": str(calib), "timings": timings, "python": platform.python_version()}
         write_json(info, stage / "run.json")
-        (stage / "summary.md").write_text(summary_md(facts, fp32, info))
+        (stage / "summary.md").write_text(summary_md(facts, evaluations["fp32"], cmp, qreport, info))
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -79,8 +101,10 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
     return out
 
 
-def summary_md(facts: dict, fp32: dict, info: dict) -> str:
-    m, d, t = fp32["metrics"], fp32["data"], fp32["timing"]
+def summary_md(facts: dict, fp32: dict, cmp: dict, qreport: dict, info: dict) -> str:
+    from .compare import compare_md
+
+    d = fp32["data"]
     acts = ", ".join(f"{k} x{v}" for k, v in sorted(facts.get("activations", {}).items()) if isinstance(v, int))
     lines = [
         "# qbench run",
@@ -90,17 +114,9 @@ def summary_md(facts: dict, fp32: dict, info: dict) -> str:
         f"- model: `{info['weights']}` ({facts.get('params', 0) / 1e6:.2f} M params, {acts or 'activations n/a'}, "
         f"imgsz {facts['imgsz']}, {facts['nc']} classes)",
         f"- data: `{info['data']}`, split `{d['split']}`: {d['images']} images, {d['instances']} instances",
+        f"- INT8: ONNX Runtime static QDQ, recipe `{info['recipe']}` (see recipe.yaml), calibrated on "
+        f"{qreport.get('calibration', {}).get('images', '?')} train images (calibration.json)",
         "",
-        "| model | P | R | mAP50 | mAP50-95 | ms/image (inference) |",
-        "|---|---|---|---|---|---|",
-        f"| FP32 ONNX | {m['precision']:.3f} | {m['recall']:.3f} | {m['mAP50']:.3f} | {m['mAP50-95']:.3f} "
-        f"| {t['inference_ms_per_image']:.1f} |",
-        "",
-        "| class | images | instances | P | R | mAP50 | mAP50-95 |",
-        "|---|---|---|---|---|---|---|",
+        compare_md(cmp),
     ]
-    for r in fp32["per_class"]:
-        cells = [("-" if r[k] is None else f"{r[k]:.3f}") for k in ("precision", "recall", "mAP50", "mAP50-95")]
-        lines.append(f"| {r['class']} | {r['images']} | {r['instances']} | " + " | ".join(cells) + " |")
-    lines += ["", f"Settings: {json.dumps(fp32['settings'])}", ""]
     return "\n".join(lines)

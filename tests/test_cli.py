@@ -87,10 +87,18 @@ def test_run_end_to_end_writes_a_complete_run_folder(tmp_path, synth_small, defa
     out = tmp_path / "run"
     r = run_cli("run", "--weights", str(default_weights), "--data", str(synth_small), "--out", str(out))
     assert r.returncode == 0, r.stderr
-    for name in ("model.json", "fp32.onnx", "metrics.json", "run.json", "summary.md"):
+    for name in ("model.json", "fp32.onnx", "calibration.json", "int8.onnx", "recipe.yaml", "quantize.json",
+                 "metrics.json", "compare.json", "run.json", "summary.md"):
         assert (out / name).exists(), name
-    m = json.loads((out / "metrics.json").read_text())["fp32"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    m = metrics["fp32"]
     assert m["data"]["images"] == 12 and 0 <= m["metrics"]["mAP50-95"] <= 1
-    assert f"{m['metrics']['mAP50-95']:.3f}" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert f"{m['metrics']['mAP50-95']:.4f}" in summary and f"{metrics['int8']['metrics']['mAP50-95']:.4f}" in summary
+    # calibrated on the train split, scored on val: the two never share an image
+    calib = json.loads((out / "calibration.json").read_text())
+    assert calib["split"] == "train" and all("/train/" in e["path"] for e in calib["images"])
+    cmp = json.loads((out / "compare.json").read_text())
+    assert cmp["models"]["int8"]["size_mb"] < cmp["models"]["fp32"]["size_mb"] / 2
     facts = json.loads((out / "model.json").read_text())
     assert facts["activations"].get("LeakyReLU", 0) > 0 and "SiLU" not in facts["activations"]

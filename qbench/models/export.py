@@ -38,7 +38,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import QbenchError
-from .load import checkpoint_imgsz, load_checkpoint, sha256_file
+from ..files import sha256_file
+from .load import checkpoint_imgsz, load_checkpoint
 
 LOG = logging.getLogger("qbench")
 

@@ -13,7 +13,6 @@ came from (path, sha256, training arguments).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import QbenchError
+from ..files import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from ultralytics import YOLO
@@ -32,15 +32,6 @@ TRAIN_ARG_KEYS = ("imgsz", "epochs", "data")
 
 # RuntimeError texts that torch.load gives for a damaged zip archive (as opposed to a real failure).
 _DAMAGED_ZIP_MARKERS = ("PytorchStreamReader", "inline_container", "zip archive", "central directory")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_path(p: Path) -> None:

@@ -1,0 +1,111 @@
+"""FP32 vs INT8 through the same evaluation path: accuracy deltas, latency, size.
+
+Latency is measured in one process, FP32 and INT8 interleaved round by round
+(so both see the same machine state), with the same thread count: batch-1
+median and p90 over repeated runs, and batched throughput in images/s.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data.dataset import image_files, load_data_yaml, read_image
+from .data.preprocess import letterbox, to_input
+from .evaluate import EvalSettings, evaluate
+from .runtime import default_threads, open_model
+
+METRICS = ("precision", "recall", "mAP50", "mAP50-95")
+
+
+def measure_latency(models: dict[str, Path], sample: np.ndarray, threads: int, batch: int = 16,
+                    rounds: int = 20, warmup: int = 3) -> dict:
+    """{name: {batch1_median_ms, batch1_p90_ms, batch{B}_images_per_s}} for each model, interleaved."""
+    dets = {k: open_model(p, threads) for k, p in models.items()}
+    x1 = sample[:1]
+    xb = np.repeat(sample[:1], batch, axis=0)
+    for det in dets.values():
+        for _ in range(warmup):
+            det.forward(x1)
+        det.forward(xb)
+    t1 = {k: [] for k in dets}
+    tb = {k: [] for k in dets}
+    for _ in range(rounds):
+        for k, det in dets.items():
+            t = time.perf_counter()
+            det.forward(x1)
+            t1[k].append(time.perf_counter() - t)
+    for _ in range(max(3, rounds // 5)):
+        for k, det in dets.items():
+            t = time.perf_counter()
+            det.forward(xb)
+            tb[k].append(time.perf_counter() - t)
+    out = {}
+    for k in dets:
+        s = sorted(t1[k])
+        out[k] = {"batch1_median_ms": round(1000 * statistics.median(s), 2),
+                  "batch1_p90_ms": round(1000 * s[int(0.9 * (len(s) - 1))], 2),
+                  f"batch{batch}_images_per_s": round(batch / statistics.median(tb[k]), 1)}
+    return out
+
+
+def compare(fp32: str | Path, int8: str | Path, data: str | Path, settings: EvalSettings = EvalSettings(),
+            progress: bool = False, extra: dict[str, Path] | None = None, rounds: int = 20) -> dict:
+    """Evaluate FP32, INT8 (and any `extra` models) the same way; deltas are against FP32."""
+    models = {"fp32": Path(fp32), "int8": Path(int8), **{k: Path(v) for k, v in (extra or {}).items()}}
+    results = {k: evaluate(p, data, settings, progress=progress) for k, p in models.items()}
+    threads = settings.threads or default_threads()
+    spec = load_data_yaml(data, require=(settings.split,))
+    imgsz = results["fp32"]["settings"]["imgsz"]
+    img, _ = letterbox(read_image(image_files(spec, settings.split)[0]), imgsz)
+    latency = measure_latency(models, to_input([img]), threads, batch=settings.batch, rounds=rounds)
+    base = results["fp32"]
+    rows = {}
+    for k, r in results.items():
+        rows[k] = {
+            "model": str(models[k]),
+            "metrics": r["metrics"],
+            "delta": {m: r["metrics"][m] - base["metrics"][m] for m in METRICS},
+            "per_class": [{"class": c["class"], "mAP50-95": c["mAP50-95"],
+                           "delta_mAP50-95": (None if c["mAP50-95"] is None or b["mAP50-95"] is None
+                                              else c["mAP50-95"] - b["mAP50-95"])}
+                          for c, b in zip(r["per_class"], base["per_class"])],
+            "latency": latency[k],
+            "size_mb": round(models[k].stat().st_size / 2**20, 2),
+        }
+    for k in rows:
+        rows[k]["speedup_batch1"] = round(latency["fp32"]["batch1_median_ms"] / latency[k]["batch1_median_ms"], 3)
+    return {"data": base["data"], "settings": base["settings"], "threads": threads, "models": rows,
+            "evaluations": results}
+
+
+def compare_md(c: dict) -> str:
+    s = c["settings"]
+    b = f"batch{s['batch']}_images_per_s"
+    lines = [f"{c['data']['images']} images of `{c['data']['yaml']}` ({c['data']['split']}), imgsz {s['imgsz']}, "
+             f"conf {s['conf']}, iou {s['iou']}, {c['threads']} threads.", "",
+             f"| model | P | R | mAP50 | mAP50-95 | Δ mAP50-95 | batch-1 ms (median) | speedup | "
+             f"batch-{s['batch']} img/s | size MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, r in c["models"].items():
+        m, lat = r["metrics"], r["latency"]
+        d = "—" if k == "fp32" else f"{r['delta']['mAP50-95']:+.4f}"
+        lines.append(f"| {k} | {m['precision']:.3f} | {m['recall']:.3f} | {m['mAP50']:.4f} | {m['mAP50-95']:.4f} | "
+                     f"{d} | {lat['batch1_median_ms']:.1f} | {r['speedup_batch1']:.2f}x | {lat[b]:.1f} | "
+                     f"{r['size_mb']:.1f} |")
+    names = [p["class"] for p in c["models"]["fp32"]["per_class"]]
+    lines += ["", "| class | " + " | ".join(f"{k} mAP50-95" for k in c["models"]) + " |",
+              "|---|" + "---|" * len(c["models"])]
+    for i, name in enumerate(names):
+        cells = []
+        for k, r in c["models"].items():
+            v = r["per_class"][i]
+            cell = "-" if v["mAP50-95"] is None else f"{v['mAP50-95']:.3f}"
+            if k != "fp32" and v["delta_mAP50-95"] is not None:
+                cell += f" ({v['delta_mAP50-95']:+.3f})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
