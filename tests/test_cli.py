@@ -100,5 +100,8 @@ def test_run_end_to_end_writes_a_complete_run_folder(tmp_path, synth_small, defa
     assert calib["split"] == "train" and all("/train/" in e["path"] for e in calib["images"])
     cmp = json.loads((out / "compare.json").read_text())
     assert cmp["models"]["int8"]["size_mb"] < cmp["models"]["fp32"]["size_mb"] / 2
+    d = metrics["int8"]["metrics"]["mAP50-95"] - m["metrics"]["mAP50-95"]
+    assert cmp["models"]["int8"]["delta"]["mAP50-95"] == pytest.approx(d, abs=1e-12)
+    assert cmp["models"]["int8"]["latency"]["batch1_median_ms"] > 0
     facts = json.loads((out / "model.json").read_text())
     assert facts["activations"].get("LeakyReLU", 0) > 0 and "SiLU" not in facts["activations"]
