@@ -25,3 +25,20 @@ def write_json(obj, path: str | os.PathLike) -> Path:
     tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def read_yaml(path: Path, what: str = ""):
+    """Parse a YAML file; a syntax or read error becomes one QbenchError naming the file (and line)."""
+    import yaml
+
+    from .errors import QbenchError
+
+    label = f"{what} {path}".strip()
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise QbenchError(f"{label}{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax.") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise QbenchError(f"cannot read {label} ({e}); check that it is a readable UTF-8 text file.") from e

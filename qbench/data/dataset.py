@@ -17,9 +17,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
 from qbench.errors import QbenchError
+from qbench.files import read_yaml
 
 # Same set as ultralytics.data.utils.IMG_FORMATS (8.4.x), so image counts match.
 IMG_FORMATS = frozenset(
@@ -57,14 +57,7 @@ def load_data_yaml(path, require=("val",)) -> DataSpec:
         raise QbenchError(
             f"{yaml_path} is a folder; pass the data.yaml file inside it, e.g. {yaml_path / 'data.yaml'}."
         )
-    try:
-        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8-sig"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise QbenchError(f"{yaml_path}{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax.") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise QbenchError(f"cannot read {yaml_path} ({e}); check that it is a readable UTF-8 text file.") from e
+    data = read_yaml(yaml_path)
     if not isinstance(data, dict):
         raise QbenchError(
             f"{yaml_path} must be a YAML mapping with 'names' and split keys like 'val: images/val', "

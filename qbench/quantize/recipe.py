@@ -42,6 +42,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import QbenchError
+from ..files import read_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 METHODS = ("minmax", "entropy", "percentile", "distribution")
@@ -207,14 +208,7 @@ def load_recipe(path_or_name: str | os.PathLike | Recipe | None = None) -> Recip
         else:
             raise QbenchError(f"recipe '{src}' is neither a file nor a recipe name in {RECIPES_DIR} "
                               f"({', '.join(available_recipes())}); pass a path to a recipe YAML or one of those.")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise QbenchError(f"recipe {p}{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax.") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise QbenchError(f"cannot read recipe {p} ({e}); check that it is a readable UTF-8 text file.") from e
+    data = read_yaml(p, "recipe")
     return recipe_from_dict(data, str(p))
 
 
