@@ -150,7 +150,14 @@ def build_manifest(data_yaml: str | os.PathLike, n: int, split: str = "train", s
 
 
 def save_manifest(m: dict, path: str | os.PathLike) -> Path:
-    """Write a manifest as JSON, atomically (temp name, then rename)."""
+    """Write a manifest as JSON, atomically (temp name, then rename).
+
+    The dataset's data.yaml is also recorded relative to the manifest's folder (`data_from_manifest`), so a
+    committed manifest still finds its images from another clone or machine with the same layout.
+    """
+    path = Path(path)
+    data = Path(m["data"]).resolve()
+    m = {**m, "data_from_manifest": Path(os.path.relpath(data, path.resolve().parent)).as_posix()}
     return write_json(m, path)
 
 
@@ -167,6 +174,9 @@ def load_manifest(path: str | os.PathLike, verify: bool = True) -> tuple[dict, l
     if not isinstance(m, dict) or m.get("version") != MANIFEST_VERSION or not isinstance(m.get("images"), list):
         raise QbenchError(f"'{p}' is not a version-{MANIFEST_VERSION} calibration manifest; {REBUILD}.")
     root = Path(m.get("root") or p.parent)
+    rel = m.get("data_from_manifest")
+    if rel and (p.parent / rel).is_file():  # portable: the data.yaml next to which the images were found
+        root = load_data_yaml(p.parent / rel, require=()).root
     paths = []
     for k, entry in enumerate(m["images"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):

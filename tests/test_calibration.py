@@ -106,8 +106,17 @@ def test_save_load_and_detect_changed_or_missing_images(tmp_path):
     mp = save_manifest(m, tmp_path / "run" / "calib.json")
     assert not list(mp.parent.glob(".*tmp"))  # written atomically
     loaded, paths = load_manifest(mp)
-    assert loaded == json.loads(mp.read_text()) == m
+    assert loaded == json.loads(mp.read_text()) == {**m, "data_from_manifest": "../d/data.yaml"}
     assert [p.relative_to(root).as_posix() for p in paths] == [e["path"] for e in m["images"]]
+
+    # a committed manifest travels with its dataset: move both, the images are still found and verified
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root, moved / "d")
+    shutil.copytree(mp.parent, moved / "run")
+    _, moved_paths = load_manifest(moved / "run" / "calib.json")
+    assert all(str(q).startswith(str(moved)) for q in moved_paths)
 
     victim = paths[2]
     victim.write_bytes(victim.read_bytes() + b"\0")  # same name, other bytes
