@@ -179,3 +179,15 @@ def test_reader_memory_does_not_grow_with_the_set(skewed):
     big = _peak_while_reading(paths * 4)  # 120 images
     one_batch = 2 * 3 * 96 * 96 * 4
     assert big < small + one_batch, (small, big)
+
+
+@pytest.mark.parametrize("name", ["gtsdb4", "road-signs"])
+def test_committed_manifests_match_the_shared_datasets(name):
+    """The manifests under calibration/ still describe ../shared/datasets byte for byte (skipped when absent)."""
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo.parent / "shared" / "datasets" / name / "data.yaml").exists():
+        pytest.skip(f"../shared/datasets/{name} is absent")
+    m, paths = load_manifest(repo / "calibration" / f"{name}-train-512.json")  # verifies every sha256
+    assert len(paths) == m["n"] == 512 and m["split"] == "train"
+    assert all("/train/" in p.as_posix() for p in paths)
+    assert min(m["class_counts"].values()) > 0
