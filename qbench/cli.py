@@ -52,12 +52,13 @@ def train(
     seed: int = typer.Option(0),
     workers: int = typer.Option(2),
     close_mosaic: int = typer.Option(10, help="Turn mosaic augmentation off for the last N epochs."),
+    hours: Optional[float] = typer.Option(None, "--time", help="Train for this many hours instead of --epochs (the LR schedule fits the budget)."),
 ):
     """Train a detector with ultralytics, offline; writes weights/best.pt, args.yaml, results.csv, train.json."""
     from .train import train as run_train
 
     best = run_train(model, str(data), out, epochs=epochs, imgsz=imgsz, batch=batch, device=device, seed=seed,
-                     workers=workers, close_mosaic=close_mosaic)
+                     workers=workers, close_mosaic=close_mosaic, **({"time": hours} if hours else {}))
     typer.echo(str(best))
 
 

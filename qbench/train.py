@@ -61,7 +61,7 @@ def train(model: str, data: str, out_dir: str | Path, *, epochs: int = 100, imgs
     yolo = YOLO(resolve_model(model))
     yolo.train(**args)
     wall = time.time() - t0
-    metrics = {}
+    metrics, n_epochs = {}, 0
     results_csv = work / "results.csv"
     if results_csv.exists():
         rows = [r.split(",") for r in results_csv.read_text().strip().splitlines()]
@@ -69,13 +69,15 @@ def train(model: str, data: str, out_dir: str | Path, *, epochs: int = 100, imgs
         best = max(rows[1:], key=lambda r: 0.1 * float(r[header.index("metrics/mAP50(B)")])
                    + 0.9 * float(r[header.index("metrics/mAP50-95(B)")]))
         metrics = {h: float(v) for h, v in zip(header, best)}
+        n_epochs = len(rows) - 1
     import torch
     import ultralytics
 
     summary = {
         "command": " ".join(["qbench", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("qbench", "__main__.py") else None,
         "model": model, "data": str(data), "epochs": epochs, "imgsz": imgsz, "batch": batch, "device": device,
-        "seed": seed, "wall_time_s": round(wall, 1), "best_epoch_metrics": metrics,
+        "seed": seed, "overrides": overrides, "epochs_run": n_epochs, "wall_time_s": round(wall, 1),
+        "best_epoch_metrics": metrics,
         "versions": {"ultralytics": ultralytics.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
     }
