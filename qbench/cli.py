@@ -186,12 +186,13 @@ def run(
     threads: Optional[int] = typer.Option(None),
     recipe: str = typer.Option("default", help="Quantization recipe (configs/recipes/ name or YAML path)."),
     calib_manifest: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest (default: sample the train split)."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also score ultralytics' own export(format='onnx', quantize=8)."),
 ):
     """The main job: export FP32 ONNX, calibrate, quantize to INT8, evaluate both, compare; writes a run folder."""
     from .pipeline import run as run_pipeline
 
     run_dir = run_pipeline(weights=weights, data=data, out=out, imgsz=imgsz, batch=batch, threads=threads,
-                           recipe=recipe, calib=calib_manifest, progress=True)
+                           recipe=recipe, calib=calib_manifest, baseline=baseline, progress=True)
     typer.echo((run_dir / "summary.md").read_text())
     typer.echo(f"run folder: {run_dir}")
 

@@ -27,10 +27,18 @@ def measure_latency(models: dict[str, Path], sample: np.ndarray, threads: int, b
     dets = {k: open_model(p, threads) for k, p in models.items()}
     x1 = sample[:1]
     xb = np.repeat(sample[:1], batch, axis=0)
+
+    def run_batch(det):  # a static batch-1 model (e.g. ultralytics' INT8 export) takes the batch image by image
+        if det.dynamic_batch:
+            det.forward(xb)
+        else:
+            for i in range(batch):
+                det.forward(xb[i:i + 1])
+
     for det in dets.values():
         for _ in range(warmup):
             det.forward(x1)
-        det.forward(xb)
+        run_batch(det)
     t1 = {k: [] for k in dets}
     tb = {k: [] for k in dets}
     for _ in range(rounds):
@@ -41,7 +49,7 @@ def measure_latency(models: dict[str, Path], sample: np.ndarray, threads: int, b
     for _ in range(max(3, rounds // 5)):
         for k, det in dets.items():
             t = time.perf_counter()
-            det.forward(xb)
+            run_batch(det)
             tb[k].append(time.perf_counter() - t)
     out = {}
     for k in dets:

@@ -41,7 +41,7 @@ def next_run_dir(root: Path = Path("runs") / "qbench", name: str = "run") -> Pat
 
 def run(weights: Path | None = None, data: Path | None = None, out: Path | None = None, imgsz: int | None = None,
         batch: int = 16, threads: int | None = None, recipe: str | Path | None = None, calib: Path | None = None,
-        progress: bool = False) -> Path:
+        baseline: bool = False, progress: bool = False) -> Path:
     from .calibration import build_manifest, save_manifest
     from .compare import compare
     from .data.dataset import image_files
@@ -81,8 +81,14 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
                                   stage / "calibration.json")
         qreport = timed("quantize_s", quantize_ort, onnx_path, stage / "int8.onnx", rec, calib, progress=progress)
         write_json(qreport, stage / "quantize.json")
+        extra = {}
+        if baseline:  # ultralytics' own export(format="onnx", quantize=8), scored the same way
+            from .quantize.baseline import ultralytics_int8
+
+            extra["ultralytics-int8"] = timed("ultralytics_int8_export_s", ultralytics_int8, weights, data,
+                                              stage / "ultralytics-int8.onnx", facts["imgsz"])
         cmp = timed("evaluate_and_compare_s", compare, onnx_path, stage / "int8.onnx", data,
-                    EvalSettings(batch=batch, threads=threads), progress=progress)
+                    EvalSettings(batch=batch, threads=threads), progress=progress, extra=extra)
         evaluations = cmp.pop("evaluations")
         for k, r in evaluations.items():
             r["model"]["path"] = f"{k}.onnx"  # relative to the run folder, which gets renamed

@@ -85,7 +85,7 @@ def test_run_end_to_end_writes_a_complete_run_folder(tmp_path, synth_small, defa
     import json
 
     out = tmp_path / "run"
-    r = run_cli("run", "--weights", str(default_weights), "--data", str(synth_small), "--out", str(out))
+    r = run_cli("run", "--weights", str(default_weights), "--data", str(synth_small), "--out", str(out), "--baseline")
     assert r.returncode == 0, r.stderr
     for name in ("model.json", "fp32.onnx", "calibration.json", "int8.onnx", "recipe.yaml", "quantize.json",
                  "metrics.json", "compare.json", "run.json", "summary.md"):
@@ -103,5 +103,8 @@ def test_run_end_to_end_writes_a_complete_run_folder(tmp_path, synth_small, defa
     d = metrics["int8"]["metrics"]["mAP50-95"] - m["metrics"]["mAP50-95"]
     assert cmp["models"]["int8"]["delta"]["mAP50-95"] == pytest.approx(d, abs=1e-12)
     assert cmp["models"]["int8"]["latency"]["batch1_median_ms"] > 0
+    # ultralytics' own INT8 export, scored through the same path (a static batch-1 model)
+    assert set(cmp["models"]) == {"fp32", "int8", "ultralytics-int8"}
+    assert set(metrics) == {"fp32", "int8", "ultralytics-int8"} and "ultralytics-int8" in summary
     facts = json.loads((out / "model.json").read_text())
     assert facts["activations"].get("LeakyReLU", 0) > 0 and "SiLU" not in facts["activations"]
