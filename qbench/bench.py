@@ -96,3 +96,60 @@ def _bench_eval(model: Path, source: Path, data: Path, out: Path, repeats: int, 
     ])
     (out / "summary.md").write_text(summary)
     return summary
+
+
+def _fp32_onnx(model: Path, tmp: Path, imgsz: int | None) -> Path:
+    """`model` itself if it is an .onnx, else its FP32 export (at `imgsz`) in `tmp`."""
+    if model.suffix.lower() == ".pt":
+        from .models.export import export_onnx
+
+        return export_onnx(model, tmp / "fp32.onnx", imgsz=imgsz)
+    return model
+
+
+def bench_sweep(model: str | Path, data: str | Path, calib: str | Path, out: str | Path,
+                methods: list[str], sizes: list[int], recipe: str = "default", imgsz: int | None = None,
+                batch: int = 16, argv: list[str] | None = None, progress: bool = False) -> str:
+    """INT8 accuracy over calibration method x calibration size, one table (FP32 scored once as the reference)."""
+    from .calibration import load_manifest
+    from .quantize import load_recipe, quantize_ort
+
+    model, data, out = Path(model), Path(data), Path(out)
+    base = load_recipe(recipe)
+    recipes = [(m, n, base.replace(method=m, calib_size=n)) for m in methods for n in sizes]  # validate all first
+    manifest, paths = load_manifest(calib)
+    if max(sizes) > len(paths):
+        from .errors import QbenchError
+
+        raise QbenchError(f"calibration manifest '{calib}' has {len(paths)} images, fewer than the largest size "
+                          f"{max(sizes)}; build a larger one with `qbench calib --n {max(sizes)}`.")
+    settings = EvalSettings(batch=batch)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fp32_path = _fp32_onnx(model, tmp, imgsz)
+        fp32 = evaluate(fp32_path, data, settings, progress=progress)
+        for m, n, rec in recipes:
+            q = quantize_ort(fp32_path, tmp / f"{m}-{n}" / "int8.onnx", rec, paths, progress=progress)
+            r = evaluate(tmp / f"{m}-{n}" / "int8.onnx", data, settings, progress=progress)
+            rows.append({"method": m, "calib_size": n, **r["metrics"],
+                         "delta_mAP50-95": r["metrics"]["mAP50-95"] - fp32["metrics"]["mAP50-95"],
+                         "delta_mAP50": r["metrics"]["mAP50"] - fp32["metrics"]["mAP50"],
+                         "calibration_s": q["calibration"]["seconds"]})
+    command = " ".join(["qbench", *(argv or [])[1:]]) if argv else None
+    result = {"command": command, "model": str(model), "data": str(data), "calibration": str(calib),
+              "recipe": base.to_dict(), "fp32": fp32["metrics"], "imgsz": fp32["settings"]["imgsz"], "rows": rows,
+              "qbench_version": __version__}
+    write_json(result, out / "sweep.json")
+    f = fp32["metrics"]
+    lines = ["# INT8 accuracy: calibration method x calibration size", "",
+             f"Reproduce: `{command}`" if command else "", "",
+             f"FP32: mAP50 {f['mAP50']:.4f}, mAP50-95 {f['mAP50-95']:.4f} on {fp32['data']['images']} images of "
+             f"`{data}` (imgsz {fp32['settings']['imgsz']}); calibration images from `{calib}` (first N, stratified).",
+             "", "| method | N | mAP50 | mAP50-95 | Δ mAP50-95 | calibration s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['calib_size']} | {r['mAP50']:.4f} | {r['mAP50-95']:.4f} | "
+                     f"{r['delta_mAP50-95']:+.4f} | {r['calibration_s']:.1f} |")
+    summary = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(summary)
+    return summary

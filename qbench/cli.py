@@ -213,6 +213,28 @@ def bench_eval(
     typer.echo(summary)
 
 
+@bench_app.command("sweep")
+def bench_sweep(
+    model: Path = typer.Argument(..., help="FP32 .onnx, or a .pt exported on the fly (at --imgsz)."),
+    data: Path = typer.Option(..., "--data"),
+    calib_manifest: Path = typer.Option(..., "--calib", help="Calibration manifest with at least max(--sizes) images."),
+    out: Path = typer.Option(..., "--out", help="Folder for sweep.json and summary.md."),
+    methods: str = typer.Option("minmax,entropy,percentile,distribution", help="Comma-separated methods."),
+    sizes: str = typer.Option("32,64,128,256,512", help="Comma-separated calibration sizes."),
+    recipe: str = typer.Option("default", help="Base recipe; method and calib_size are swept."),
+    imgsz: Optional[int] = typer.Option(None),
+):
+    """INT8 mAP over calibration method x calibration size, in one table."""
+    from .bench import bench_sweep as run_sweep
+
+    try:
+        size_list = [int(x) for x in sizes.split(",") if x.strip()]
+    except ValueError:
+        raise QbenchError(f"--sizes '{sizes}' must be comma-separated whole numbers, e.g. 32,64,128.") from None
+    typer.echo(run_sweep(model, data, calib_manifest, out, [m.strip() for m in methods.split(",") if m.strip()],
+                         size_list, recipe=recipe, imgsz=imgsz, argv=sys.argv, progress=True))
+
+
 def main() -> None:
     """Console entry point: typer handles usage errors (exit 2); QbenchError becomes one line and exit 2."""
     try:

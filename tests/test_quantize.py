@@ -106,7 +106,7 @@ def test_shipped_recipes_load_and_default_values():
     assert recipe_from_dict({}) == Recipe()  # the file spells out the defaults
     p = load_recipe("percentile")
     assert p.effective_percentile == 99.999 and p.effective_num_bins == 2048
-    assert load_recipe("entropy").effective_num_bins == 128
+    assert load_recipe("entropy").effective_num_bins == 1024
 
 
 def test_recipe_unknown_key_and_bad_values(tmp_path):
@@ -406,18 +406,28 @@ def test_streamed_histograms_equal_ort_one_shot(leaky_onnx, calib, tmp_path):
     ort_engine._preprocess(leaky_onnx, pre)
     ops = ort_engine._op_types_to_quantize()
     reader = CalibrationReader(paths, IMGSZ, "images")
-    ours, _, seeded = ort_engine._calibrate(pre, tmp_path, load_recipe("entropy"), reader, ops, leaky_onnx)
+    recipe = load_recipe("entropy").replace(num_bins=256)  # small enough for a fast KL search
+    ours, _, seeded = ort_engine._calibrate(pre, tmp_path, recipe, reader, ops, leaky_onnx)
     assert len(paths) > ort_engine.CHUNK_IMAGES  # really several chunks
     assert reader.images_read == 2 * len(paths)  # a min/max pass, then the histograms
     with contextlib.redirect_stdout(io.StringIO()):
         c = create_calibrator(pre, ops, augmented_model_path=str(tmp_path / "a.onnx"),
-                              calibrate_method=CalibrationMethod.Entropy, extra_options={"symmetric": False})
+                              calibrate_method=CalibrationMethod.Entropy,
+                              extra_options={"symmetric": False, "num_bins": 256})
         c.collect_data(CalibrationReader(paths, IMGSZ, "images"))
         ref = c.compute_data()
+        m = create_calibrator(pre, ops, augmented_model_path=str(tmp_path / "m.onnx"))
+        m.collect_data(CalibrationReader(paths, IMGSZ, "images"))
+        minmax = m.compute_data()
     assert seeded > 150 and set(ours.keys()) == set(ref.keys())
     for k in ref.keys():
         for a, b in zip(ours[k].range_value, ref[k].range_value):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=k)
+    # and entropy really searched: with more bins than its 128 quantized bins it clips some ranges below min/max
+    # (ORT's default of 128 bins leaves one candidate and silently returns the min/max range)
+    clipped = [k for k in ref.keys()
+               if float(np.ravel(ref[k].range_value[1])[0]) < float(np.ravel(minmax[k].range_value[1])[0]) - 1e-6]
+    assert len(clipped) >= 3, len(clipped)
 
 
 @pytest.mark.parametrize("method", ["percentile", "distribution"])

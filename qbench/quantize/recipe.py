@@ -56,7 +56,11 @@ MAX_CALIB = 100_000
 PERCENTILE_RANGE = (90.0, 100.0)
 NUM_BINS_RANGE = (16, 1 << 16)
 DEFAULT_PERCENTILE = 99.999
-DEFAULT_NUM_BINS = {"entropy": 128, "percentile": 2048, "distribution": 2048}
+# ORT's entropy search compares thresholds from num_quantized_bins (128) up to num_bins: with ORT's own default of
+# 128 bins there is one candidate, the full range, so "entropy" silently equals minmax. TensorRT uses 2048; 1024
+# keeps ORT's pure-Python KL search (quadratic in bins) practical on a CPU.
+ENTROPY_QUANTIZED_BINS = 128
+DEFAULT_NUM_BINS = {"entropy": 1024, "percentile": 2048, "distribution": 2048}
 INFO_KEYS = ("resolved",)  # written by the engine next to a model, ignored on load
 
 
@@ -170,7 +174,8 @@ def recipe_from_dict(data: dict, name: str = "custom") -> Recipe:
         if method not in HIST_METHODS:
             raise QbenchError(f"recipe {name}: 'num_bins' is only used by the histogram methods "
                               f"({', '.join(HIST_METHODS)}), not '{method}'; remove it or change 'method'.")
-        lo = 512 if method == "distribution" else NUM_BINS_RANGE[0]  # ORT's distribution calibrator needs 512+
+        # ORT's distribution calibrator needs 512+; entropy needs more bins than its 128 quantized bins to search
+        lo = {"distribution": 512, "entropy": 2 * ENTROPY_QUANTIZED_BINS}.get(method, NUM_BINS_RANGE[0])
         nb = _int(name, "num_bins", nb, lo, NUM_BINS_RANGE[1], f" for method {method}")
     r["num_bins"] = nb
     r["calib_size"] = _int(name, "calib_size", d.get("calib_size", 128), MIN_CALIB, MAX_CALIB,
