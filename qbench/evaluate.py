@@ -21,7 +21,7 @@ from . import __version__
 from .data.dataset import image_files, load_data_yaml, read_image, read_labels
 from .data.preprocess import letterbox, to_input
 from .errors import QbenchError
-from .files import sha256_file
+from .files import display_path, sha256_file
 from .progress import bar
 from .runtime import Detector, open_model
 
@@ -122,8 +122,8 @@ def _result(det, spec, files, settings, imgsz, batch, metrics, wall, t_pre, t_in
         per_class.append(row)
     n = len(files)
     return {
-        "model": {"path": str(det.path), "format": det.kind, "sha256": sha256_file(det.path)},
-        "data": {"yaml": str(spec.yaml_path), "split": settings.split, "images": n,
+        "model": {"path": display_path(det.path), "format": det.kind, "sha256": sha256_file(det.path)},
+        "data": {"yaml": display_path(spec.yaml_path), "split": settings.split, "images": n,
                  "instances": int(metrics.nt_per_class.sum())},
         "metrics": {"precision": p, "recall": r, "mAP50": map50, "mAP50-95": map5095},
         "per_class": per_class,

@@ -42,3 +42,16 @@ def read_yaml(path: Path, what: str = ""):
         raise QbenchError(f"{label}{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax.") from e
     except (OSError, UnicodeDecodeError) as e:
         raise QbenchError(f"cannot read {label} ({e}); check that it is a readable UTF-8 text file.") from e
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as a person would type it here: relative to the current folder when inside it or beside it
+    (e.g. ../shared/datasets/x), '~/...' under the home folder, else absolute."""
+    p = Path(path).expanduser().resolve()
+    rel = os.path.relpath(p, Path.cwd())
+    if not rel.startswith(os.path.join("..", "..")):
+        return Path(rel).as_posix()
+    try:
+        return "~/" + p.relative_to(Path.home()).as_posix()
+    except ValueError:
+        return p.as_posix()

@@ -26,7 +26,7 @@ from .data.dataset import load_data_yaml
 from .data.default import default_data, default_weights
 from .errors import QbenchError
 from .evaluate import EvalSettings, evaluate
-from .files import write_json
+from .files import display_path, write_json
 
 
 def next_run_dir(root: Path = Path("runs") / "qbench", name: str = "run") -> Path:
@@ -75,6 +75,7 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
     try:
         write_json(facts, stage / "model.json")
         onnx_path = timed("export_s", export_onnx, weights, stage / "fp32.onnx", imgsz=facts["imgsz"])
+        calib_shown = display_path(calib) if calib else "calibration.json"
         if calib is None:  # calibrate on the train split, never on the split being scored
             n = min(rec.calib_size, len(image_files(spec, "train")))
             calib = save_manifest(timed("calibration_set_s", build_manifest, data, n, "train"),
@@ -95,8 +96,9 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
         write_json(evaluations, stage / "metrics.json")
         write_json(cmp, stage / "compare.json")
         info = {"qbench_version": __version__, "command": " ".join(["qbench", *sys.argv[1:]]),
-                "weights": str(weights), "data": str(spec.yaml_path), "recipe": rec.name,
-                "calibration": str(calib), "timings": timings, "python": platform.python_version()}
+                "weights": display_path(weights), "data": display_path(spec.yaml_path),
+                "recipe": display_path(rec.name) if Path(rec.name).exists() else rec.name,
+                "calibration": calib_shown, "timings": timings, "python": platform.python_version()}
         write_json(info, stage / "run.json")
         (stage / "summary.md").write_text(summary_md(facts, evaluations["fp32"], cmp, qreport, info))
     except BaseException:
