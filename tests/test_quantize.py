@@ -346,7 +346,7 @@ def test_silu_entropy_with_patterns(silu_onnx, calib, tmp_path):
                           "include": ["/model.23/Sigmoid"], "calib_size": 10}, "t")
     out = tmp_path / "int8.onnx"
     report = quantize_ort(silu_onnx, out, r, calib)
-    assert report["calibration"]["images"] == 10 and report["calibration"]["num_bins"] == 128
+    assert report["calibration"]["images"] == 10 and report["calibration"]["num_bins"] == 1024
     reasons = {e["node"]: e["reason"] for e in report["excluded"]}
     assert reasons["/model.0/conv/Conv"] == "recipe exclude '/model.0/*'"
     assert report["forced_in"] == ["/model.23/Sigmoid"] and "/model.23/Sigmoid" not in reasons
