@@ -153,3 +153,54 @@ def bench_sweep(model: str | Path, data: str | Path, calib: str | Path, out: str
     summary = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(summary)
     return summary
+
+
+_MEMORY_CHILD = """
+import json, resource, sys
+from qbench.calibration import load_manifest
+from qbench.quantize import load_recipe, quantize_ort
+fp32, manifest, n, recipe, out = sys.argv[1:6]
+_, paths = load_manifest(manifest)
+rec = load_recipe(recipe).replace(calib_size=int(n))
+r = quantize_ort(fp32, out, rec, paths[:int(n)])
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "calibration_s": r["calibration"]["seconds"], "images": r["calibration"]["images"]}))
+"""
+
+
+def bench_calib_memory(model: str | Path, calib: str | Path, out: str | Path, sizes: list[int],
+                       recipe: str = "default", imgsz: int | None = None, argv: list[str] | None = None) -> str:
+    """Peak resident memory of a whole quantization (calibration included) per calibration size, each in a fresh
+    process; bounded-memory calibration means the largest stays close to the smallest."""
+    import json
+    import subprocess
+    import sys
+
+    model, out = Path(model), Path(out)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fp32 = _fp32_onnx(model, tmp, imgsz)
+        for n in sizes:
+            r = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(fp32), str(calib), str(n), recipe,
+                                str(tmp / f"int8-{n}.onnx")], capture_output=True, text=True, check=False)
+            if r.returncode != 0:
+                from .errors import QbenchError
+
+                raise QbenchError(f"quantizing with {n} calibration images failed: {r.stderr.strip().splitlines()[-1]}")
+            rows.append({"calib_size": n, **json.loads(r.stdout.strip().splitlines()[-1])})
+    base = rows[0]["peak_rss_mb"]
+    for r in rows:
+        r["ratio_to_smallest"] = round(r["peak_rss_mb"] / base, 3)
+    command = " ".join(["qbench", *(argv or [])[1:]]) if argv else None
+    write_json({"command": command, "model": str(model), "calibration": str(calib), "recipe": recipe,
+                "rows": rows, "qbench_version": __version__}, out / "memory.json")
+    lines = ["# Peak memory of calibration + quantization vs calibration size", "",
+             f"Reproduce: `{command}`" if command else "", "",
+             "Each size runs in a fresh process; peak RSS of the whole process (model, ONNX Runtime, calibration).", "",
+             "| calibration images | peak RSS MB | ratio to smallest | calibration s |", "|---|---|---|---|"]
+    lines += [f"| {r['calib_size']} | {r['peak_rss_mb']:.0f} | {r['ratio_to_smallest']:.2f}x | {r['calibration_s']:.1f} |"
+              for r in rows]
+    summary = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(summary)
+    return summary

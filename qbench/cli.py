@@ -26,6 +26,17 @@ def _say(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
+def _sizes(text: str) -> list[int]:
+    """'32,64,128' -> [32, 64, 128] (calibration sizes)."""
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise QbenchError(f"--sizes '{text}' must be comma-separated positive whole numbers, e.g. 32,64,128.")
+    return sizes
+
+
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Option(..., "--out", help="Folder to write images/, labels/ and data.yaml into."),
@@ -227,12 +238,23 @@ def bench_sweep(
     """INT8 mAP over calibration method x calibration size, in one table."""
     from .bench import bench_sweep as run_sweep
 
-    try:
-        size_list = [int(x) for x in sizes.split(",") if x.strip()]
-    except ValueError:
-        raise QbenchError(f"--sizes '{sizes}' must be comma-separated whole numbers, e.g. 32,64,128.") from None
     typer.echo(run_sweep(model, data, calib_manifest, out, [m.strip() for m in methods.split(",") if m.strip()],
-                         size_list, recipe=recipe, imgsz=imgsz, argv=sys.argv, progress=True))
+                         _sizes(sizes), recipe=recipe, imgsz=imgsz, argv=sys.argv, progress=True))
+
+
+@bench_app.command("calib-memory")
+def bench_calib_memory(
+    model: Path = typer.Argument(..., help="FP32 .onnx, or a .pt exported on the fly (at --imgsz)."),
+    calib_manifest: Path = typer.Option(..., "--calib", help="Calibration manifest with at least max(--sizes) images."),
+    out: Path = typer.Option(..., "--out", help="Folder for memory.json and summary.md."),
+    sizes: str = typer.Option("64,512", help="Comma-separated calibration sizes."),
+    recipe: str = typer.Option("default"),
+    imgsz: Optional[int] = typer.Option(None),
+):
+    """Peak memory of calibration per calibration size (each in a fresh process)."""
+    from .bench import bench_calib_memory as run_memory
+
+    typer.echo(run_memory(model, calib_manifest, out, _sizes(sizes), recipe=recipe, imgsz=imgsz, argv=sys.argv))
 
 
 def main() -> None:
