@@ -16,15 +16,14 @@ import numpy as np
 from .data.dataset import image_files, load_data_yaml, read_image
 from .data.preprocess import letterbox, to_input
 from .evaluate import EvalSettings, evaluate
-from .runtime import default_threads, open_model
+from .runtime import Detector, default_threads, open_model
 
 METRICS = ("precision", "recall", "mAP50", "mAP50-95")
 
 
-def measure_latency(models: dict[str, Path], sample: np.ndarray, threads: int, batch: int = 16,
-                    rounds: int = 20, warmup: int = 3) -> dict:
-    """{name: {batch1_median_ms, batch1_p90_ms, batch{B}_images_per_s}} for each model, interleaved."""
-    dets = {k: open_model(p, threads) for k, p in models.items()}
+def measure_latency(dets: dict[str, Detector], sample: np.ndarray, batch: int = 16, rounds: int = 20,
+                    warmup: int = 3) -> dict:
+    """{name: {batch1_median_ms, batch1_p90_ms, batch{B}_images_per_s}} for each open model, interleaved."""
     x1 = sample[:1]
     xb = np.repeat(sample[:1], batch, axis=0)
 
@@ -64,12 +63,13 @@ def compare(fp32: str | Path, int8: str | Path, data: str | Path, settings: Eval
             progress: bool = False, extra: dict[str, Path] | None = None, rounds: int = 20) -> dict:
     """Evaluate FP32, INT8 (and any `extra` models) the same way; deltas are against FP32."""
     models = {"fp32": Path(fp32), "int8": Path(int8), **{k: Path(v) for k, v in (extra or {}).items()}}
-    results = {k: evaluate(p, data, settings, progress=progress) for k, p in models.items()}
     threads = settings.threads or default_threads()
+    dets = {k: open_model(p, threads) for k, p in models.items()}  # one session per model, for both uses
+    results = {k: evaluate(det, data, settings, progress=progress) for k, det in dets.items()}
     spec = load_data_yaml(data, require=(settings.split,))
     imgsz = results["fp32"]["settings"]["imgsz"]
     img, _ = letterbox(read_image(image_files(spec, settings.split)[0]), imgsz)
-    latency = measure_latency(models, to_input([img]), threads, batch=settings.batch, rounds=rounds)
+    latency = measure_latency(dets, to_input([img]), batch=settings.batch, rounds=rounds)
     base = results["fp32"]
     rows = {}
     for k, r in results.items():
