@@ -32,6 +32,7 @@ from .files import sha256_file, write_json
 
 MANIFEST_VERSION = 1
 REBUILD = "rebuild it with `qbench calib`"
+DEFAULT_DATA = "qbench:default"  # a manifest's `data` for the embedded synthetic set (regenerated, not shipped)
 
 try:  # the ORT base class gives ORT's own iteration protocol; the reader works without it too
     from onnxruntime.quantization import CalibrationDataReader as _ReaderBase
@@ -153,11 +154,18 @@ def save_manifest(m: dict, path: str | os.PathLike) -> Path:
     """Write a manifest as JSON, atomically (temp name, then rename).
 
     The dataset's data.yaml is also recorded relative to the manifest's folder (`data_from_manifest`), so a
-    committed manifest still finds its images from another clone or machine with the same layout.
+    committed manifest still finds its images from another clone or machine with the same layout. A sample of the
+    embedded synthetic set is recorded as `data: qbench:default` instead: its images live in qbench's cache and
+    are regenerated, bit-identical, wherever the manifest is loaded.
     """
+    from .data.default import default_data_dir
+
     path = Path(path)
     data = Path(m["data"]).resolve()
-    m = {**m, "data_from_manifest": Path(os.path.relpath(data, path.resolve().parent)).as_posix()}
+    if data.parent == default_data_dir().resolve():
+        m = {**m, "data": DEFAULT_DATA, "root": DEFAULT_DATA}
+    else:
+        m = {**m, "data_from_manifest": Path(os.path.relpath(data, path.resolve().parent)).as_posix()}
     return write_json(m, path)
 
 
@@ -175,7 +183,11 @@ def load_manifest(path: str | os.PathLike, verify: bool = True) -> tuple[dict, l
         raise QbenchError(f"'{p}' is not a version-{MANIFEST_VERSION} calibration manifest; {REBUILD}.")
     root = Path(m.get("root") or p.parent)
     rel = m.get("data_from_manifest")
-    if rel and (p.parent / rel).is_file():  # portable: the data.yaml next to which the images were found
+    if m.get("data") == DEFAULT_DATA:  # the embedded synthetic set: generated on first use
+        from .data.default import default_data
+
+        root = default_data().parent
+    elif rel and (p.parent / rel).is_file():  # portable: the data.yaml next to which the images were found
         root = load_data_yaml(p.parent / rel, require=()).root
     paths = []
     for k, entry in enumerate(m["images"]):

@@ -117,7 +117,7 @@ def eval_cmd(
 
 @app.command()
 def calib(
-    data: Path = typer.Option(..., "--data", help="data.yaml of the dataset."),
+    data: Optional[Path] = typer.Option(None, "--data", help="data.yaml of the dataset (default: the embedded synthetic set)."),
     out: Path = typer.Option(..., "--out", help="Manifest to write, e.g. calibration/mydata-train-128.json."),
     n: int = typer.Option(128, "--n", help="Number of images."),
     split: str = typer.Option("train", help="Split to sample (never the one you score)."),
@@ -125,8 +125,9 @@ def calib(
 ):
     """Build a calibration manifest: a seeded, class-stratified sample (paths + sha256) that later runs reuse."""
     from .calibration import build_manifest, save_manifest
+    from .data.default import default_data
 
-    m = build_manifest(data, n, split=split, seed=seed)
+    m = build_manifest(data or default_data(progress=True), n, split=split, seed=seed)
     save_manifest(m, out)
     typer.echo(f"wrote {out}: {m['n']} images of '{split}' (seed {seed}), images per class {m['class_counts']}")
 

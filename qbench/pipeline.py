@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import __version__
 from .data.dataset import load_data_yaml
-from .data.default import default_data, default_weights
+from .data.default import DEFAULT_CALIB, default_data, default_weights
 from .errors import QbenchError
 from .evaluate import EvalSettings, evaluate
 from .files import display_path, write_json
@@ -50,6 +50,8 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
     from .quantize import load_recipe, quantize_ort
 
     weights = Path(weights) if weights else default_weights()
+    if data is None and calib is None:  # the embedded set calibrates on its committed manifest (hash-verified)
+        calib = DEFAULT_CALIB
     data = Path(data) if data else default_data(progress=progress)
     rec = load_recipe(recipe)
     spec = load_data_yaml(data, require=("val",) if calib else ("val", "train"))

@@ -191,3 +191,15 @@ def test_committed_manifests_match_the_shared_datasets(name):
     assert len(paths) == m["n"] == 512 and m["split"] == "train"
     assert all("/train/" in p.as_posix() for p in paths)
     assert min(m["class_counts"].values()) > 0
+
+
+def test_committed_default_manifest_matches_the_regenerated_synthetic_set():
+    """calibration/synth-train-512.json names the embedded set (not a path of this machine's cache) and its sha256
+    still match the images qbench regenerates, i.e. generation is bit-identical; rebuilding it gives the same file."""
+    from qbench.data.default import DEFAULT_CALIB, default_data
+
+    m, paths = load_manifest(DEFAULT_CALIB)  # generates the default set if needed, verifies every sha256
+    assert m["data"] == "qbench:default" and "data_from_manifest" not in m
+    assert len(paths) == m["n"] == 512 and all(p.is_file() for p in paths)
+    rebuilt = build_manifest(default_data(), 512, seed=m["seed"])
+    assert rebuilt["images"] == m["images"] and rebuilt["class_counts"] == m["class_counts"]

@@ -21,6 +21,8 @@ DEFAULT_RUN = REPO / "results" / "training" / "synth-l3-leaky-320"
 DEFAULT_WEIGHTS = DEFAULT_RUN / "weights" / "best.pt"
 DEFAULT_SEED = 0
 DEFAULT_TRAIN, DEFAULT_VAL = 1200, 200
+# 512 stratified train images of the default set (`qbench calib --n 512 --out ...`); `qbench run` calibrates on it
+DEFAULT_CALIB = REPO / "calibration" / "synth-train-512.json"
 
 
 def cache_dir() -> Path:
@@ -46,9 +48,14 @@ def synth_dataset(out: str | Path, n_train: int = DEFAULT_TRAIN, n_val: int = DE
     return out / "data.yaml"
 
 
+def default_data_dir() -> Path:
+    """Where the default synthetic set lives (or will, once generated)."""
+    return cache_dir() / f"synth-v{synth.GENERATOR_VERSION}-seed{DEFAULT_SEED}-{DEFAULT_TRAIN}-{DEFAULT_VAL}"
+
+
 def default_data(progress: bool = False) -> Path:
     """data.yaml of the default synthetic set, generated on first use."""
-    d = cache_dir() / f"synth-v{synth.GENERATOR_VERSION}-seed{DEFAULT_SEED}-{DEFAULT_TRAIN}-{DEFAULT_VAL}"
+    d = default_data_dir()
     if not (d / "data.yaml").exists():
         synth_dataset(d, progress=progress)
     return d / "data.yaml"
