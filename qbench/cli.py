@@ -209,6 +209,36 @@ def run(
     typer.echo(f"run folder: {run_dir}")
 
 
+@app.command()
+def inspect(
+    run_dir: Optional[Path] = typer.Argument(None, help="A `qbench run` folder (fp32.onnx, int8.onnx, run.json)."),
+    fp32: Optional[Path] = typer.Option(None, "--fp32", help="FP32 .onnx (default: RUN_DIR/fp32.onnx)."),
+    int8: Optional[Path] = typer.Option(None, "--int8", help="INT8 QDQ .onnx (default: RUN_DIR/int8.onnx)."),
+    calib_manifest: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest (default: the run's)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="data.yaml; error is measured on its val split."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for layers.csv, leaky.csv, inspect.json "
+                                                             "(default: RUN_DIR)."),
+    images: int = typer.Option(128, help="Calibration images the statistics are collected on."),
+    error_images: int = typer.Option(16, help="Val images the quantization error is measured on."),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Per-layer activation statistics, quantization error (SQNR, cosine) and LeakyReLU diagnostics."""
+    from .analysis import inspect_run
+
+    r = inspect_run(run_dir, fp32=fp32, int8=int8, calib=calib_manifest, data=data, out=out, images=images,
+                    error_images=error_images, threads=threads, progress=True)
+    s = r["summary"]
+    typer.echo(f"{s['quantized_tensors']} quantized tensors, {s['leaky_relus']} LeakyReLU "
+               f"({s['unfused_leaky_relus']} requantized after their Conv); output SQNR {s['output_sqnr_db']:.1f} dB, "
+               f"median per-tensor SQNR {s['median_isolated_sqnr_db']:.1f} dB")
+    for row in r["leaky"][:5]:
+        typer.echo(f"  #{row['rank']} {row['layer']}: {row['sqnr_actual_db']:.1f} dB, harm {row['harm_db']:.1f} dB, "
+                   f"remedy: {row['remedy']} (+{row['remedy_gain_db']:.1f} dB)".replace("+inf dB", "no 8-bit remedy "
+                                                                                     "reaches 15 dB"))
+    typer.echo(f"wrote {out or run_dir}/layers.csv, leaky.csv, weights.csv, histograms.npz, inspect.json "
+               f"({r['seconds']['total']:.1f} s)")
+
+
 @bench_app.command("eval")
 def bench_eval(
     model: Path = typer.Argument(..., help="FP32 .onnx, or a .pt exported on the fly (at --imgsz)."),

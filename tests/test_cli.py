@@ -108,3 +108,24 @@ def test_run_end_to_end_writes_a_complete_run_folder(tmp_path, synth_small, defa
     assert set(metrics) == {"fp32", "int8", "ultralytics-int8"} and "ultralytics-int8" in summary
     facts = json.loads((out / "model.json").read_text())
     assert facts["activations"].get("LeakyReLU", 0) > 0 and "SiLU" not in facts["activations"]
+
+    # qbench inspect on that run folder: statistics, error and LeakyReLU ranking of the real default model
+    r = run_cli("inspect", str(out), "--images", "8", "--error-images", "4")
+    assert r.returncode == 0, r.stderr
+    ins = json.loads((out / "inspect.json").read_text())
+    assert ins["summary"]["leaky_relus"] == facts["activations"]["LeakyReLU"]
+    assert ins["summary"]["unfused_leaky_relus"] == ins["summary"]["leaky_relus"]  # ORT's default QDQ
+    assert ins["images"] == {"statistics": 8, "error": 4}
+    assert 10 < ins["summary"]["output_sqnr_db"] < 80
+    assert [row["rank"] for row in ins["leaky"]] == list(range(1, len(ins["leaky"]) + 1))
+    harms = [row["harm_db"] for row in ins["leaky"]]
+    assert harms == sorted(harms, reverse=True)
+    assert (out / "layers.csv").read_text().count("\n") == ins["summary"]["tensors"] + 1
+    assert f"#1 {ins['leaky'][0]['layer']}" in r.stdout
+
+
+def test_inspect_bad_input(tmp_path):
+    r = run_cli("inspect", str(tmp_path))
+    _assert_user_error(r, "not a qbench run folder", str(tmp_path))
+    r = run_cli("inspect", "--fp32", str(tmp_path / "a.onnx"))
+    _assert_user_error(r, "needs --int8")

@@ -1,0 +1,199 @@
+"""What a QDQ INT8 model quantizes, read from its graph, and ONNX Runtime sessions that expose inner tensors.
+
+ONNX Runtime's QDQ format marks every quantized activation tensor T with a
+QuantizeLinear (T, scale, zero_point) whose output feeds one or more
+DequantizeLinear nodes; weights are int8 initializers behind a
+DequantizeLinear. `activation_quantizers()` lists the former with their
+per-tensor `QParams`, `weight_quantizers()` the latter, and `leaky_relus()`
+the LeakyRelu nodes of a float graph with, from the QDQ model, whether the
+Conv output before each is quantized on its own (Conv -> Q/DQ -> LeakyRelu ->
+Q/DQ, "unfused") or not ("fused").
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .stats import INT_RANGES, QParams
+
+GRAPH_OUTPUT_SUFFIX = "_QuantizeLinear_Input"  # ORT's name for the float tensor of a quantized graph output
+
+
+@dataclass
+class ActQuant:
+    """One quantized activation tensor of a QDQ model."""
+
+    tensor: str  # the float tensor that is quantized (same name in the FP32 model)
+    qparams: QParams
+    dequantized: str  # a DequantizeLinear output carrying the quantized values
+    producer: str  # op type that makes the tensor ('input' for a graph input)
+    producer_node: str
+    consumers: list[str] = field(default_factory=list)  # op types reading the dequantized tensor
+
+
+@dataclass
+class WeightQuant:
+    """One quantized weight initializer (per-channel or per-tensor) and the node that reads it."""
+
+    name: str  # the float initializer's name in the FP32 model (ORT stores it as <name>_quantized)
+    node: str
+    op_type: str
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+
+    def dequantized(self) -> np.ndarray:
+        shape = [1] * self.q.ndim
+        if self.scale.size > 1:
+            shape[self.axis] = -1
+        s = self.scale.reshape(shape).astype(np.float32)
+        zp = self.zero_point.reshape(shape).astype(np.float32)
+        return (self.q.astype(np.float32) - zp) * s
+
+
+def _initializers(graph) -> dict:
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+
+def _attr(node, name, default=None):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def activation_quantizers(qmodel) -> dict[str, ActQuant]:
+    """{float tensor name: ActQuant} for every per-tensor quantized activation of a QDQ model, in graph order."""
+    g = qmodel.graph
+    init = _initializers(g)
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_inputs = {i.name for i in g.input}
+    out = {}
+    for n in g.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] in init:
+            continue
+        t = n.input[0]
+        scale = np.asarray(init[n.input[1]], np.float32)
+        zp_arr = init.get(n.input[2]) if len(n.input) > 2 else None
+        if scale.size != 1:
+            continue  # per-channel activations: not produced by ORT's static quantizer
+        dtype = "int8" if zp_arr is not None and zp_arr.dtype == np.int8 else "uint8"
+        if zp_arr is not None and zp_arr.dtype not in (np.int8, np.uint8):
+            continue  # 16-bit or other types: not analysed
+        zp = int(np.asarray(zp_arr).reshape(-1)[0]) if zp_arr is not None else 0
+        qmin, qmax = INT_RANGES[dtype]
+        dqs = [c for c in consumers.get(n.output[0], []) if c.op_type == "DequantizeLinear"]
+        if not dqs:
+            continue
+        p = producers.get(t)
+        readers = [c.op_type for dq in dqs for c in consumers.get(dq.output[0], [])]
+        if t.endswith(GRAPH_OUTPUT_SUFFIX) and dqs[0].output[0] == t[: -len(GRAPH_OUTPUT_SUFFIX)]:
+            t = dqs[0].output[0]  # a quantized graph output: ORT renamed the float tensor, the DQ took its name
+        out[t] = ActQuant(t, QParams(float(scale.reshape(-1)[0]), zp, qmin, qmax), dqs[0].output[0],
+                          "input" if t in graph_inputs else (p.op_type if p is not None else "?"),
+                          p.name if p is not None else t, readers)
+    return out
+
+
+def weight_quantizers(qmodel) -> dict[str, WeightQuant]:
+    """{node name: WeightQuant} for nodes (Conv, Gemm, MatMul) whose weight input is a dequantized initializer."""
+    g = qmodel.graph
+    init = _initializers(g)
+    dq_of = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in init}
+    out = {}
+    for n in g.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2 or n.input[1] not in dq_of:
+            continue
+        dq = dq_of[n.input[1]]
+        q = init[dq.input[0]]
+        if q.dtype not in (np.int8, np.uint8):
+            continue
+        scale = np.asarray(init[dq.input[1]], np.float32)
+        zp = np.asarray(init[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in init else np.zeros_like(scale)
+        name = dq.input[0][: -len("_quantized")] if dq.input[0].endswith("_quantized") else dq.input[0]
+        out[n.name] = WeightQuant(name, n.name, n.op_type, q, scale, zp, int(_attr(dq, "axis", 1)))
+    return out
+
+
+@dataclass
+class LeakyLayer:
+    node: str
+    alpha: float
+    pre: str  # the tensor the LeakyRelu reads (a Conv output in YOLO blocks)
+    post: str  # its output
+    pre_op: str  # op type producing `pre`
+    unfused: bool  # the QDQ model quantizes `pre` on its own before the LeakyRelu
+
+
+def leaky_relus(fp32_model, acts: dict[str, ActQuant]) -> list[LeakyLayer]:
+    """LeakyRelu nodes of the float graph, in graph order, with their fusion state in the QDQ model."""
+    producers = {o: n for n in fp32_model.graph.node for o in n.output}
+    out = []
+    for n in fp32_model.graph.node:
+        if n.op_type != "LeakyRelu":
+            continue
+        p = producers.get(n.input[0])
+        out.append(LeakyLayer(n.name, float(_attr(n, "alpha", 0.01)), n.input[0], n.output[0],
+                              p.op_type if p is not None else "input", n.input[0] in acts))
+    return out
+
+
+def tensor_order(model) -> dict[str, int]:
+    """Tensor name -> position of its producer in the (topologically sorted) graph; graph inputs first."""
+    order = {i.name: -1 for i in model.graph.input}
+    for k, n in enumerate(model.graph.node):
+        for o in n.output:
+            order[o] = k
+    return order
+
+
+class TensorTap:
+    """An ONNX Runtime session over a copy of `model` whose outputs are the given inner tensors.
+
+    `run(x)` returns {name: array} for those tensors (graph inputs among them are handed back from the feed).
+    `optimize=False` runs the graph as written (a QDQ model then computes in simulated int8: float math on
+    quantized values), which keeps every named tensor observable.
+    """
+
+    def __init__(self, model, names: list[str], threads: int | None = None, optimize: bool = True):
+        import onnx
+        from onnx import TensorProto, helper
+
+        from ..runtime import ort_session
+
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        inputs = {i.name for i in m.graph.input}
+        existing = {o.name for o in m.graph.output}
+        self.names = list(dict.fromkeys(names))
+        self.fed = [t for t in self.names if t in inputs]
+        wanted = [t for t in self.names if t not in inputs]
+        for t in wanted:
+            if t not in existing:
+                m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+        self.input_name = next(i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer})
+        with tempfile.TemporaryDirectory(prefix="qbench-tap-") as td:
+            path = Path(td) / "tap.onnx"
+            onnx.save(m, str(path))
+            self.session = ort_session(path, threads, optimize=optimize)
+        self.outputs = wanted
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        vals = self.session.run(self.outputs, {self.input_name: x})
+        out = dict(zip(self.outputs, vals))
+        for t in self.fed:
+            out[t] = x
+        return out

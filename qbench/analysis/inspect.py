@@ -1,0 +1,341 @@
+"""`qbench inspect`: per-tensor activation statistics, per-layer quantization error, LeakyReLU diagnostics.
+
+Two streamed passes, both bounded in memory (nothing is kept per image):
+
+1. statistics, over the calibration images, of every activation tensor the
+   INT8 model quantizes plus the input of every LeakyReLU (`TensorStats`:
+   range, moments, percentiles, negative fraction, clipping at the calibrated
+   range, per-channel spread, histogram);
+2. error, over a fixed set of held-out (val) images: per tensor, the SQNR and
+   cosine similarity between the FP32 activation and
+   - *isolated*: the same FP32 activation quantized alone with the INT8
+     model's scale and zero point (that tensor's own rounding and clipping);
+   - *cumulative*: the INT8 model's dequantized tensor, every earlier layer
+     quantized too (the QDQ graph run as written, i.e. simulated int8);
+   and per LeakyReLU layer the output SQNR as deployed and under each remedy
+   (`LeakyError`). Weights get their SQNR from the initializers.
+
+Writes into `out`: `layers.csv` (one row per tensor, stable columns),
+`leaky.csv` (one row per LeakyReLU, ranked by harm), `weights.csv`,
+`histograms.npz` (every tensor's histogram) and `inspect.json` (all of the
+tables and a summary), the JSON last.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..calibration import CalibrationReader
+from ..errors import QbenchError
+from ..files import write_json
+from ..progress import bar
+from .graph import TensorTap, activation_quantizers, leaky_relus, tensor_order, weight_quantizers
+from .leaky import LeakyError, code_budget
+from .stats import DEFAULT_BINS, PERCENTILES, ErrorStats, QParams, TensorStats, fake_quant
+
+LAYER_COLUMNS = (
+    ["depth", "tensor", "layer", "producer", "role", "dtype", "scale", "zero_point", "q_lo", "q_hi",
+     "min", "max", "mean", "std"] + [f"p{p:g}" for p in PERCENTILES] +
+    ["negative_fraction", "neg_to_pos_ratio", "clip_fraction", "channels", "channel_range_spread",
+     "sqnr_isolated_db", "cos_isolated", "sqnr_cumulative_db", "cos_cumulative"])
+LEAKY_COLUMNS = ("rank", "layer", "node", "alpha", "unfused", "out_min", "out_max", "neg_to_pos_ratio",
+                 "scheme", "neg_codes", "pos_codes", "neg_codes_used", "pos_codes_used", "bits_lost_vs_relu",
+                 "asym_neg_codes", "asym_pos_codes", "asym_bits_lost", "sym_neg_codes", "sym_pos_codes",
+                 "sym_bits_lost", "sqnr_actual_db", "sqnr_ideal_db", "harm_db", "remedy", "remedy_gain_db")
+WEIGHT_COLUMNS = ("depth", "node", "layer", "op_type", "channels", "per_channel", "sqnr_db", "cosine")
+
+
+def layer_name(tensor: str) -> str:
+    """'/model.2/cv1/conv/Conv_output_0' -> 'model.2.cv1.conv' (the ultralytics module path), else the name."""
+    parts = [p for p in tensor.split("/") if p]
+    if len(parts) >= 2 and re.search(r"_output_\d+$", parts[-1]):
+        return ".".join(parts[:-1])
+    return tensor
+
+
+def _finite(v):
+    """JSON/CSV-safe number: inf and nan become strings."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
+    return v
+
+
+def _write_csv(rows: list[dict], columns: Sequence[str], path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else _finite(v))
+                    for k, v in r.items()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buf.getvalue(), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _load(path: Path, what: str):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if not Path(path).is_file():
+        raise QbenchError(f"{what} '{path}' does not exist; pass the .onnx that `qbench run` or `qbench quantize` "
+                          "wrote.")
+    try:
+        return onnx.load(str(path))
+    except DecodeError as e:
+        raise QbenchError(f"{what} '{path}' is not an ONNX model; pass the .onnx that `qbench run` wrote.") from e
+
+
+def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike, calib_images: Sequence[str | os.PathLike],
+                   error_images: Sequence[str | os.PathLike], out: str | os.PathLike, bins: int = DEFAULT_BINS,
+                   threads: int | None = None, progress: bool = False, source: dict | None = None) -> dict:
+    """Run both passes and write the files (see the module doc); returns the inspect.json content."""
+    from ..quantize.ort_engine import check_detector
+
+    fp32, int8, out = Path(fp32), Path(int8), Path(out)
+    fmodel, qmodel = _load(fp32, "FP32 model"), _load(int8, "INT8 model")
+    info = check_detector(fmodel, fp32)
+    imgsz = info["imgsz"]
+    if imgsz is None:
+        raise QbenchError(f"'{fp32}' has a dynamic input size; export it at a fixed size with `qbench export`.")
+    acts = activation_quantizers(qmodel)
+    if not acts:
+        raise QbenchError(f"'{int8}' has no quantized activations (no QuantizeLinear nodes); pass the INT8 QDQ "
+                          "model that `qbench quantize` wrote.")
+    ftensors = {o for n in fmodel.graph.node for o in n.output} | {i.name for i in fmodel.graph.input}
+    missing = [t for t in acts if t not in ftensors]
+    if missing:
+        raise QbenchError(f"'{int8}' was not quantized from '{fp32}': it quantizes tensors the FP32 model does not "
+                          f"have (e.g. {missing[0]}); pass the FP32 model it was made from.")
+    if not calib_images:
+        raise QbenchError("no calibration images to collect statistics on; pass a manifest from `qbench calib`.")
+    leaks = leaky_relus(fmodel, acts)
+    order = tensor_order(fmodel)
+    watched = sorted(set(acts) | {lk.pre for lk in leaks} | {lk.post for lk in leaks}, key=order.__getitem__)
+    t_start = time.perf_counter()
+
+    # ---- pass 1: statistics over the calibration images
+    stats = {t: TensorStats(bins, acts[t].qparams if t in acts else None) for t in watched}
+    tap = TensorTap(fmodel, watched, threads)
+    with bar(len(calib_images), "Activation statistics", progress) as advance:
+        reader = CalibrationReader(calib_images, imgsz, info["input_name"], batch=1)
+        while (feed := reader.get_next()) is not None:
+            for t, v in tap.run(feed[info["input_name"]]).items():
+                stats[t].update(v)
+            advance(1)
+    t_stats = time.perf_counter() - t_start
+
+    # ---- pass 2: errors on held-out images
+    isolated = {t: ErrorStats() for t in acts}
+    cumulative = {t: ErrorStats() for t in watched}
+    out_name = fmodel.graph.output[0].name
+    output_err = ErrorStats()
+    leaky_err = {}
+    for lk in leaks:
+        if lk.post not in acts:
+            continue  # an unquantized LeakyReLU (kept float by the recipe)
+        s_post, s_pre = stats[lk.post], stats[lk.pre]
+        leaky_err[lk.node] = LeakyError(lk.alpha, acts[lk.post].qparams, acts[lk.pre].qparams if lk.unfused else None,
+                                        s_post.min, s_post.max, s_pre.min, s_pre.max,
+                                        s_post.percentile(0.01), s_post.percentile(99.99))
+    qnames = {t: (acts[t].dequantized if t in acts else t) for t in watched}
+    qnames[out_name] = out_name
+    qtap = TensorTap(qmodel, list(qnames.values()), threads, optimize=False)
+    ftap = TensorTap(fmodel, watched + [out_name], threads)
+    t1 = time.perf_counter()
+    with bar(len(error_images), "Quantization error", progress) as advance:
+        reader = CalibrationReader(error_images, imgsz, info["input_name"], batch=1)
+        while (feed := reader.get_next()) is not None:
+            x = feed[info["input_name"]]
+            fv, qv = ftap.run(x), qtap.run(x)
+            for t in watched:
+                ref = fv[t]
+                if t in acts:
+                    isolated[t].update(ref, fake_quant(ref, acts[t].qparams))
+                cumulative[t].update(ref, qv[qnames[t]])
+            output_err.update(fv[out_name], qv[out_name])
+            for lk in leaks:
+                if lk.node in leaky_err:
+                    leaky_err[lk.node].update(fv[lk.pre])
+            advance(1)
+    t_err = time.perf_counter() - t1
+
+    # ---- tables
+    rows = []
+    for t in watched:
+        s = stats[t].summary()
+        a = acts.get(t)
+        role = "quantized" if a else "pre-activation (not quantized)"
+        q = a.qparams if a else None
+        rows.append({
+            "depth": order[t], "tensor": t, "layer": layer_name(t),
+            "producer": a.producer if a else next((n.op_type for n in fmodel.graph.node if t in n.output), "?"),
+            "role": role, "dtype": q.dtype if q else "", "scale": q.scale if q else "",
+            "zero_point": q.zero_point if q else "", "q_lo": q.lo if q else "", "q_hi": q.hi if q else "",
+            **{k: s.get(k, "") for k in ("min", "max", "mean", "std", *[f"p{p:g}" for p in PERCENTILES],
+                                         "negative_fraction", "neg_to_pos_ratio", "clip_fraction", "channels",
+                                         "channel_range_spread")},
+            "sqnr_isolated_db": isolated[t].sqnr_db if a else "", "cos_isolated": isolated[t].cosine if a else "",
+            "sqnr_cumulative_db": cumulative[t].sqnr_db, "cos_cumulative": cumulative[t].cosine,
+        })
+    leaky_rows = []
+    for lk in leaks:
+        if lk.node not in leaky_err:
+            continue
+        s = stats[lk.post]
+        res = leaky_err[lk.node].result()
+        asym = code_budget(s.min, s.max, QParams.from_range(s.min, s.max, "uint8"))
+        sym = code_budget(s.min, s.max, QParams.from_range(s.min, s.max, "int8", symmetric=True))
+        actual = code_budget(s.min, s.max, acts[lk.post].qparams)
+        leaky_rows.append({
+            "layer": layer_name(lk.post), "node": lk.node, "alpha": lk.alpha, "unfused": lk.unfused,
+            "out_min": s.min, "out_max": s.max, "neg_to_pos_ratio": s.summary()["neg_to_pos_ratio"],
+            **{k: actual[k] for k in ("scheme", "neg_codes", "pos_codes", "neg_codes_used", "pos_codes_used",
+                                      "bits_lost_vs_relu")},
+            "asym_neg_codes": asym["neg_codes_used"], "asym_pos_codes": asym["pos_codes_used"],
+            "asym_bits_lost": asym["bits_lost_vs_relu"], "sym_neg_codes": sym["neg_codes"],
+            "sym_pos_codes": sym["pos_codes"], "sym_bits_lost": sym["bits_lost_vs_relu"],
+            "sqnr_actual_db": res["sqnr_db"]["actual"], "sqnr_ideal_db": res["sqnr_db"]["ideal"],
+            "harm_db": res["harm_db"], "remedy": res["remedy"] or "none",
+            "remedy_gain_db": res["remedy_gain_db"].get(res["remedy"], 0.0) if res["remedy"] else 0.0,
+            "sqnr_db": res["sqnr_db"], "remedy_gains_db": res["remedy_gain_db"], "remedy_text": res["remedy_text"],
+        })
+    leaky_rows.sort(key=lambda r: (-r["harm_db"], r["sqnr_actual_db"]))
+    for k, r in enumerate(leaky_rows, 1):
+        r["rank"] = k
+
+    finit = {t.name: t for t in fmodel.graph.initializer}
+    weight_rows = []
+    from onnx import numpy_helper
+
+    for node, wq in weight_quantizers(qmodel).items():
+        if wq.name not in finit:
+            continue
+        w = numpy_helper.to_array(finit[wq.name]).astype(np.float32)
+        e = ErrorStats()
+        e.update(w, wq.dequantized())
+        out_t = next((n.output[0] for n in qmodel.graph.node if n.name == node), node)
+        weight_rows.append({"depth": order.get(out_t, -1), "node": node, "layer": layer_name(out_t),
+                            "op_type": wq.op_type, "channels": int(w.shape[0]), "per_channel": wq.scale.size > 1,
+                            "sqnr_db": e.sqnr_db, "cosine": e.cosine})
+    weight_rows.sort(key=lambda r: r["depth"])
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(rows, LAYER_COLUMNS, out / "layers.csv")
+    _write_csv(leaky_rows, LEAKY_COLUMNS, out / "leaky.csv")
+    _write_csv(weight_rows, WEIGHT_COLUMNS, out / "weights.csv")
+    quantized_rows = [r for r in rows if r["role"] == "quantized"]
+    worst = sorted(quantized_rows, key=lambda r: r["sqnr_isolated_db"])[:10]
+    result = {
+        "qbench_version": __version__, "fp32": str(fp32), "int8": str(int8), "imgsz": imgsz,
+        "source": source or {},
+        "images": {"statistics": len(calib_images), "error": len(error_images)},
+        "bins": bins,
+        "seconds": {"statistics": round(t_stats, 2), "error": round(t_err, 2),
+                    "total": round(time.perf_counter() - t_start, 2)},
+        "summary": {
+            "tensors": len(rows), "quantized_tensors": len(quantized_rows), "leaky_relus": len(leaky_rows),
+            "unfused_leaky_relus": sum(r["unfused"] for r in leaky_rows),
+            "output_sqnr_db": output_err.sqnr_db, "output_cosine": output_err.cosine,
+            "median_isolated_sqnr_db": float(np.median([r["sqnr_isolated_db"] for r in quantized_rows])),
+            "min_cumulative_sqnr_db": min(r["sqnr_cumulative_db"] for r in quantized_rows),
+            "worst_isolated": [{"tensor": r["tensor"], "sqnr_isolated_db": r["sqnr_isolated_db"]} for r in worst],
+        },
+        "layers": rows,
+        "leaky": leaky_rows,
+        "weights": weight_rows,
+        "histograms": "histograms.npz",
+    }
+    _write_histograms({t: stats[t] for t in watched}, out / "histograms.npz")
+    write_json(_jsonable(result), out / "inspect.json")
+    return result
+
+
+def _write_histograms(stats: dict[str, TensorStats], path: Path) -> None:
+    """One compressed file: per tensor `<i>/counts`, and `names`, `lo`, `width`, `min`, `max` arrays."""
+    names = list(stats)
+    arrays = {"names": np.array(names), "lo": np.array([stats[t].lo for t in names]),
+              "width": np.array([stats[t].width for t in names]), "min": np.array([stats[t].min for t in names]),
+              "max": np.array([stats[t].max for t in names]),
+              "counts": np.stack([stats[t].hist for t in names]).astype(np.int64)}
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def read_histograms(path: str | os.PathLike) -> dict[str, dict]:
+    """{tensor: {lo, width, min, max, counts}} from a histograms.npz written by `inspect_models`."""
+    with np.load(path) as z:
+        return {str(t): {"lo": float(z["lo"][i]), "width": float(z["width"][i]), "min": float(z["min"][i]),
+                         "max": float(z["max"][i]), "counts": z["counts"][i]} for i, t in enumerate(z["names"])}
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        obj = obj.item()
+    return _finite(obj)
+
+
+
+def _resolve(run_dir: Path, recorded: str | None) -> Path | None:
+    """A path recorded in run.json: relative to the run folder, else as a person typed it (cwd, ~)."""
+    if not recorded:
+        return None
+    for cand in (run_dir / recorded, Path(recorded).expanduser()):
+        if cand.exists():
+            return cand
+    return None
+
+
+def inspect_run(run_dir: str | os.PathLike | None = None, *, fp32: str | os.PathLike | None = None,
+                int8: str | os.PathLike | None = None, calib: str | os.PathLike | None = None,
+                data: str | os.PathLike | None = None, out: str | os.PathLike | None = None, images: int = 128,
+                error_images: int = 16, bins: int = DEFAULT_BINS, threads: int | None = None,
+                progress: bool = False) -> dict:
+    """`qbench inspect`: the models, calibration manifest and data of a `qbench run` folder (each overridable),
+    statistics on the first `images` calibration images, error on the first `error_images` val images."""
+    import json
+
+    from ..calibration import load_manifest
+    from ..data.dataset import image_files, load_data_yaml
+
+    run = Path(run_dir) if run_dir else None
+    info = {}
+    if run is not None:
+        if not (run / "run.json").is_file():
+            raise QbenchError(f"'{run}' is not a qbench run folder (no run.json); pass the folder `qbench run` "
+                              "wrote, or --fp32/--int8/--calib/--data.")
+        info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    fp32 = Path(fp32) if fp32 else (run / "fp32.onnx" if run else None)
+    int8 = Path(int8) if int8 else (run / "int8.onnx" if run else None)
+    calib = Path(calib) if calib else (_resolve(run, info.get("calibration")) if run else None)
+    data = Path(data) if data else (_resolve(run, info.get("data")) if run else None)
+    for value, flag in ((fp32, "--fp32"), (int8, "--int8"), (calib, "--calib"), (data, "--data")):
+        if value is None:
+            raise QbenchError(f"inspect needs {flag}" + (f" (not found from '{run}/run.json')" if run else "")
+                              + "; pass it, or a run folder from `qbench run`.")
+    for n, flag in ((images, "--images"), (error_images, "--error-images")):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise QbenchError(f"{flag} {n!r} must be a whole number of at least 1.")
+    _, calib_paths = load_manifest(calib)
+    spec = load_data_yaml(data, require=("val",))
+    val = image_files(spec, "val")[:error_images]
+    out = Path(out) if out else (run if run else Path("."))
+    source = {"run": str(run) if run else None, "calibration": str(calib), "data": str(data),
+              "statistics_images": f"first {min(images, len(calib_paths))} of the calibration manifest",
+              "error_images": f"first {len(val)} images of the val split"}
+    return inspect_models(fp32, int8, calib_paths[:images], val, out, bins=bins, threads=threads,
+                          progress=progress, source=source)

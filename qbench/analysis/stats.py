@@ -1,0 +1,254 @@
+"""Streaming statistics of one tensor and the quantization arithmetic they are judged by.
+
+`TensorStats.update(x)` takes one batch of a tensor at a time and keeps only
+fixed-size state: count, min, max, sums for mean/std, the count of negative
+values and of values outside the calibrated range, per-channel min/max (axis 1
+of a 4-D tensor), and a histogram of `bins` equal bins. The histogram starts on
+a given range (the tensor's quantization range, when there is one) and, when
+data falls outside it, doubles its bin width while keeping the bin count (pairs
+of bins merge, the edges stay aligned), so counts are always exact and memory
+never grows with the number of images. Percentiles are read off the histogram,
+linearly interpolated inside a bin: exact to within one bin width.
+
+`QParams` is a per-tensor affine quantizer (scale, zero point, integer range);
+`fake_quant` applies it exactly as ONNX Runtime's QuantizeLinear ->
+DequantizeLinear does (round half to even, saturate). `ErrorStats` accumulates
+SQNR and cosine similarity between a reference tensor and its approximation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+PERCENTILES = (0.01, 0.1, 1.0, 50.0, 99.0, 99.9, 99.99)
+DEFAULT_BINS = 2048
+INT_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Per-tensor affine quantization: q = saturate(rint(x / scale) + zero_point) in [qmin, qmax]."""
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    @property
+    def dtype(self) -> str:
+        return "uint8" if self.qmin == 0 else "int8"
+
+    @property
+    def lo(self) -> float:
+        """Smallest representable value."""
+        return (self.qmin - self.zero_point) * self.scale
+
+    @property
+    def hi(self) -> float:
+        """Largest representable value."""
+        return (self.qmax - self.zero_point) * self.scale
+
+    @classmethod
+    def from_range(cls, lo: float, hi: float, dtype: str = "uint8", symmetric: bool = False) -> "QParams":
+        """The quantizer ONNX Runtime derives from a calibrated range (zero always representable)."""
+        qmin, qmax = INT_RANGES[dtype]
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+        if symmetric:
+            t = max(abs(lo), abs(hi))
+            span = 254 if dtype == "int8" else 255  # ORT scales symmetric int8 on [-127, 127]; -128 only saturates
+            scale = (2 * t) / span if t > 0 else 1.0
+            zp = (qmax + qmin + 1) // 2 if dtype == "uint8" else 0
+            return cls(scale, int(zp), qmin, qmax)
+        scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
+        zp = int(round(qmin - lo / scale))
+        return cls(scale, max(qmin, min(qmax, zp)), qmin, qmax)
+
+
+def fake_quant(x: np.ndarray, q: QParams) -> np.ndarray:
+    """QuantizeLinear then DequantizeLinear, as ONNX Runtime computes them (float32)."""
+    scale = np.float32(q.scale)
+    y = np.rint(x / scale) + np.float32(q.zero_point)
+    np.clip(y, q.qmin, q.qmax, out=y)
+    y -= np.float32(q.zero_point)
+    y *= scale
+    return y
+
+
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    """10 log10(signal / noise); inf when there is no noise."""
+    if noise_power <= 0:
+        return math.inf
+    if signal_power <= 0:
+        return -math.inf
+    return 10.0 * math.log10(signal_power / noise_power)
+
+
+class ErrorStats:
+    """SQNR (dB) and cosine similarity of approximations y of a reference x, pooled over every update."""
+
+    __slots__ = ("xx", "yy", "xy", "ee", "n")
+
+    def __init__(self):
+        self.xx = self.yy = self.xy = self.ee = 0.0
+        self.n = 0
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        a = np.asarray(x, np.float32).ravel()
+        b = np.asarray(y, np.float32).ravel()
+        e = a - b
+        self.xx += float(np.dot(a, a))
+        self.yy += float(np.dot(b, b))
+        self.xy += float(np.dot(a, b))
+        self.ee += float(np.dot(e, e))
+        self.n += a.size
+
+    @property
+    def sqnr_db(self) -> float:
+        return sqnr_db(self.xx, self.ee)
+
+    @property
+    def cosine(self) -> float:
+        d = math.sqrt(self.xx * self.yy)
+        return self.xy / d if d > 0 else (1.0 if self.ee == 0 else 0.0)
+
+    @property
+    def mse(self) -> float:
+        return self.ee / self.n if self.n else 0.0
+
+
+class TensorStats:
+    """Streaming statistics of one tensor (see the module doc)."""
+
+    def __init__(self, bins: int = DEFAULT_BINS, qparams: QParams | None = None):
+        if bins < 2 or bins % 2:
+            raise ValueError("bins must be an even number >= 2")
+        self.bins = bins
+        self.qparams = qparams
+        self.count = 0
+        self.min = math.inf
+        self.max = -math.inf
+        self.sum = 0.0
+        self.sumsq = 0.0
+        self.negative = 0
+        self.zero = 0
+        self.clipped_low = 0
+        self.clipped_high = 0
+        self.hist: np.ndarray | None = None
+        self.lo = 0.0  # histogram range [lo, lo + bins * width)
+        self.width = 0.0
+        self.ch_min: np.ndarray | None = None
+        self.ch_max: np.ndarray | None = None
+        self.shape: tuple[int, ...] | None = None
+
+    # ------------------------------------------------------------------ accumulation
+    def _init_hist(self, mn: float, mx: float) -> None:
+        if self.qparams is not None and self.qparams.hi > self.qparams.lo:
+            # the codes' rounding intervals, [lo - step/2, hi + step/2]: with 2048 bins and 256 codes, each code
+            # owns 8 whole bins and the clipping thresholds are bin edges
+            s = self.qparams.scale
+            lo, hi = self.qparams.lo - 0.5 * s, self.qparams.hi + 0.5 * s
+            width = (hi - lo) / self.bins
+        else:
+            lo, hi = mn, mx
+            width = (hi - lo) / self.bins if hi > lo else max(abs(lo), 1.0) * 2.0 ** -20
+        self.lo, self.width = float(lo), float(width)
+        self.hist = np.zeros(self.bins, np.int64)
+
+    def _grow(self, mn: float, mx: float) -> None:
+        """Double the bin width (merging pairs of bins) until [mn, mx] fits; edges stay aligned."""
+        while mn < self.lo or mx >= self.lo + self.bins * self.width:
+            merged = self.hist.reshape(-1, 2).sum(axis=1)
+            half = self.bins // 2
+            if mn < self.lo:  # extend downwards: the old bins become the upper half
+                self.hist = np.concatenate([np.zeros(half, np.int64), merged])
+                self.lo -= self.bins * self.width
+            else:  # extend upwards: the old bins become the lower half
+                self.hist = np.concatenate([merged, np.zeros(half, np.int64)])
+            self.width *= 2.0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32)
+        if x.size == 0:
+            return
+        flat = x.ravel()
+        mn, mx = float(flat.min()), float(flat.max())
+        if not (math.isfinite(mn) and math.isfinite(mx)):
+            raise ValueError("non-finite activation values")
+        if self.hist is None:
+            self._init_hist(mn, mx)
+            self.shape = tuple(x.shape[1:])
+        self._grow(mn, mx)
+        self.count += flat.size
+        self.min, self.max = min(self.min, mn), max(self.max, mx)
+        self.sum += float(flat.sum(dtype=np.float64))
+        self.sumsq += float(np.dot(flat, flat))
+        self.negative += int(np.count_nonzero(flat < 0))
+        self.zero += int(flat.size - np.count_nonzero(flat))
+        if self.qparams is not None:
+            # a value is clipped when it rounds outside the integer range, i.e. lies beyond half a step past an end
+            half = 0.5 * self.qparams.scale
+            self.clipped_low += int(np.count_nonzero(flat < self.qparams.lo - half))
+            self.clipped_high += int(np.count_nonzero(flat > self.qparams.hi + half))
+        idx = ((flat - np.float32(self.lo)) * np.float32(1.0 / self.width)).astype(np.int64)
+        np.clip(idx, 0, self.bins - 1, out=idx)
+        self.hist += np.bincount(idx, minlength=self.bins)
+        if x.ndim == 4 and x.shape[1] > 1:
+            cmin = x.min(axis=(0, 2, 3))
+            cmax = x.max(axis=(0, 2, 3))
+            self.ch_min = cmin if self.ch_min is None else np.minimum(self.ch_min, cmin)
+            self.ch_max = cmax if self.ch_max is None else np.maximum(self.ch_max, cmax)
+
+    # ------------------------------------------------------------------ results
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else 0.0
+
+    @property
+    def std(self) -> float:
+        if not self.count:
+            return 0.0
+        return math.sqrt(max(self.sumsq / self.count - self.mean ** 2, 0.0))
+
+    def edges(self) -> np.ndarray:
+        return self.lo + self.width * np.arange(self.bins + 1, dtype=np.float64)
+
+    def percentile(self, p: float) -> float:
+        """The p-th percentile (0..100), interpolated linearly inside its bin and clamped to [min, max]."""
+        if not self.count:
+            return math.nan
+        target = p / 100.0 * self.count
+        cum = np.cumsum(self.hist)
+        k = int(np.searchsorted(cum, target, side="left"))
+        k = min(k, self.bins - 1)
+        below = cum[k - 1] if k > 0 else 0
+        inside = self.hist[k]
+        frac = (target - below) / inside if inside else 0.0
+        v = self.lo + self.width * (k + frac)
+        return float(min(max(v, self.min), self.max))
+
+    def channel_spread(self) -> dict:
+        """Per-channel ranges: how unequal the channels of one tensor are (what per-tensor scales suffer from)."""
+        if self.ch_min is None:
+            return {}
+        r = (self.ch_max - self.ch_min).astype(np.float64)
+        med = float(np.median(r))
+        return {"channels": int(r.size), "channel_range_min": float(r.min()), "channel_range_median": med,
+                "channel_range_max": float(r.max()),
+                "channel_range_spread": float(r.max() / med) if med > 0 else math.inf}
+
+    def summary(self) -> dict:
+        d = {"count": self.count, "min": self.min, "max": self.max, "mean": self.mean, "std": self.std}
+        for p in PERCENTILES:
+            d[f"p{p:g}"] = self.percentile(p)
+        d["negative_fraction"] = self.negative / self.count if self.count else 0.0
+        d["zero_fraction"] = self.zero / self.count if self.count else 0.0
+        d["neg_to_pos_ratio"] = abs(self.min) / self.max if self.max > 0 and self.min < 0 else 0.0
+        if self.qparams is not None:
+            clipped = self.clipped_low + self.clipped_high
+            d["clip_fraction"] = clipped / self.count if self.count else 0.0
+            d["clip_low"], d["clip_high"] = self.clipped_low, self.clipped_high
+        d.update(self.channel_spread())
+        return d
