@@ -239,6 +239,19 @@ def inspect(
                f"({r['seconds']['total']:.1f} s)")
 
 
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more `qbench run` folders (several: side by side)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for summary.md and report.html "
+                                                             "(default: the run folder; needed for several runs)."),
+):
+    """summary.md and a self-contained report.html: FP32 vs INT8, per-layer SQNR, worst ranges, LeakyReLU ranking."""
+    from .report import report as write_report
+
+    page = write_report(run_dirs, out)
+    typer.echo(f"wrote {page.with_name('summary.md')} and {page}")
+
+
 @bench_app.command("eval")
 def bench_eval(
     model: Path = typer.Argument(..., help="FP32 .onnx, or a .pt exported on the fly (at --imgsz)."),

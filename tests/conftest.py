@@ -56,3 +56,14 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real `qbench` command line in a subprocess."""
     return subprocess.run([sys.executable, "-m", "qbench", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, synth_small, default_weights) -> Path:
+    """A finished `qbench run` folder (default model on the tiny synthetic set) with `qbench inspect` results."""
+    from qbench.analysis import inspect_run
+    from qbench.pipeline import run
+
+    out = run(weights=default_weights, data=synth_small, out=tmp_path_factory.mktemp("runs") / "small")
+    inspect_run(out, images=8, error_images=4)
+    return out

@@ -1,0 +1,294 @@
+"""`qbench report`: summary.md and a self-contained report.html from the JSON that runs wrote.
+
+A report covers one run folder, or several side by side (e.g. a LeakyReLU
+model and its ReLU twin). From each it reads `run.json`, `model.json`,
+`compare.json` (every scored model variant: FP32, INT8, baselines, profiles)
+and, when `qbench inspect` has been run, `inspect.json` + `histograms.npz`
+(also those of profile variants under `profiles/<name>/`). Nothing is
+recomputed: the report only lays out numbers the runs measured, each section
+naming the command that made them. Charts are PNGs embedded as data URIs and
+the styling is inline, so the HTML opens offline from anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from .. import __version__
+from ..errors import QbenchError
+from . import plots
+
+_NUMERIC = re.compile(r"^[-+]?(\d|—|inf)")  # numbers (and the "—" placeholder) are right-aligned
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1200px;color:#222;
+padding:0 1rem;line-height:1.45}
+h1{font-size:1.7rem;margin-bottom:.2rem}h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
+h3{margin-bottom:.4rem}
+table{border-collapse:collapse;margin:.6rem 0 1rem;font-size:.88rem}
+th,td{border:1px solid #ddd;padding:.25rem .55rem;text-align:right}th{background:#f4f6f8}
+td:first-child,th:first-child,td.t{text-align:left}
+.neg{color:#b00020}.pos{color:#1b7f3b}.muted{color:#666;font-size:.85rem}
+code{background:#f4f6f8;padding:.05rem .3rem;border-radius:3px;font-size:.85rem}
+img{max-width:100%;border:1px solid #eee;margin:.4rem 0}
+.cards{display:flex;flex-wrap:wrap;gap:.8rem}.card{border:1px solid #ddd;border-radius:6px;padding:.6rem .9rem;
+min-width:12rem}.card b{font-size:1.3rem;display:block}
+"""
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_run(run_dir: str | os.PathLike) -> dict:
+    """Everything a report needs from one run folder."""
+    from ..analysis import read_histograms
+
+    d = Path(run_dir)
+    if not (d / "compare.json").is_file():
+        raise QbenchError(f"'{d}' is not a finished qbench run folder (no compare.json); pass a folder written by "
+                          "`qbench run`.")
+    run = {"dir": d, "name": d.name, "info": _read_json(d / "run.json") or {},
+           "model": _read_json(d / "model.json") or {}, "compare": _read_json(d / "compare.json"),
+           "inspect": {}, "hists": {}}
+    for ins_path in [d / "inspect.json", *sorted(d.glob("profiles/*/inspect.json"))]:
+        ins = _read_json(ins_path)
+        if ins is None:
+            continue
+        key = "int8" if ins_path.parent == d else f"int8[{ins_path.parent.name}]"
+        run["inspect"][key] = ins
+        if (ins_path.parent / "histograms.npz").is_file():
+            run["hists"][key] = read_histograms(ins_path.parent / "histograms.npz")
+    return run
+
+
+# ----------------------------------------------------------------------------- tables (Markdown and HTML)
+def _fmt(v, digits=4, signed=False):
+    if v is None or v == "":
+        return "—"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, float) and not math.isfinite(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+
+
+def _accuracy_table(run: dict) -> tuple[list[str], list[list[str]]]:
+    c = run["compare"]
+    b = f"batch{c['settings']['batch']}_images_per_s"
+    head = ["model", "P", "R", "mAP50", "mAP50-95", "Δ mAP50-95", "batch-1 ms", "speedup", f"batch-{c['settings']['batch']} img/s",
+            "MB"]
+    rows = []
+    for k, r in c["models"].items():
+        m, lat = r["metrics"], r["latency"]
+        rows.append([k, _fmt(m["precision"], 3), _fmt(m["recall"], 3), _fmt(m["mAP50"]), _fmt(m["mAP50-95"]),
+                     "—" if k == "fp32" else _fmt(r["delta"]["mAP50-95"], signed=True),
+                     _fmt(lat["batch1_median_ms"], 1), f"{r['speedup_batch1']:.2f}x", _fmt(lat.get(b), 1),
+                     _fmt(r["size_mb"], 1)])
+    return head, rows
+
+
+def _class_table(run: dict) -> tuple[list[str], list[list[str]]]:
+    models = run["compare"]["models"]
+    names = [p["class"] for p in models["fp32"]["per_class"]]
+    head = ["class"] + [f"{k} mAP50-95" for k in models]
+    rows = []
+    for i, name in enumerate(names):
+        cells = [name]
+        for k, r in models.items():
+            v = r["per_class"][i]
+            cell = _fmt(v["mAP50-95"], 3)
+            if k != "fp32" and v.get("delta_mAP50-95") is not None:
+                cell += f" ({v['delta_mAP50-95']:+.3f})"
+            cells.append(cell)
+        rows.append(cells)
+    return head, rows
+
+
+def _layer_summary(ins: dict) -> tuple[list[str], list[list[str]]]:
+    s = ins["summary"]
+    return (["tensors quantized", "LeakyReLU (unfused)", "output SQNR dB", "output cosine", "median isolated SQNR dB",
+             "lowest cumulative SQNR dB"],
+            [[str(s["quantized_tensors"]), f"{s['leaky_relus']} ({s['unfused_leaky_relus']})",
+              _fmt(s["output_sqnr_db"], 1), _fmt(s["output_cosine"], 5), _fmt(s["median_isolated_sqnr_db"], 1),
+              _fmt(s["min_cumulative_sqnr_db"], 1)]])
+
+
+def _worst_table(ins: dict, k: int = 10) -> tuple[list[str], list[list[str]]]:
+    rows = sorted((r for r in ins["layers"] if r["role"] == "quantized" and r["producer"] != "input"),
+                  key=lambda r: plots._num(r["sqnr_isolated_db"]))[:k]
+    return (["tensor", "op", "min", "max", "neg %", "|min|/max", "clip %", "ch. spread", "isolated dB", "cumulative dB"],
+            [[r["layer"], r["producer"], _fmt(r["min"], 3), _fmt(r["max"], 3), _fmt(100 * r["negative_fraction"], 1),
+              _fmt(r["neg_to_pos_ratio"], 3), _fmt(100 * plots._num(r["clip_fraction"]), 3),
+              _fmt(r.get("channel_range_spread"), 1), _fmt(plots._num(r["sqnr_isolated_db"]), 1),
+              _fmt(plots._num(r["sqnr_cumulative_db"]), 1)] for r in rows])
+
+
+def _leaky_table(ins: dict, k: int = 15) -> tuple[list[str], list[list[str]]]:
+    head = ["#", "layer", "unfused", "|min|/max", "codes neg/pos (deployed)", "bits lost (deployed)",
+            "asym uint8 neg/pos", "sym int8 neg/pos", "SQNR dB", "ideal dB", "harm dB", "remedy", "gain dB"]
+    rows = []
+    for r in ins["leaky"][:k]:
+        rows.append([str(r["rank"]), r["layer"], "yes" if r["unfused"] else "no", _fmt(r["neg_to_pos_ratio"], 3),
+                     f"{r['neg_codes']}/{r['pos_codes']}", _fmt(r["bits_lost_vs_relu"], 2),
+                     f"{r['asym_neg_codes']}/{r['asym_pos_codes']}", f"{r['sym_neg_codes']}/{r['sym_pos_codes']}",
+                     _fmt(r["sqnr_actual_db"], 1), _fmt(r["sqnr_ideal_db"], 1), _fmt(r["harm_db"], 1), r["remedy"],
+                     _fmt(plots._num(r["remedy_gain_db"]), 1)])
+    return head, rows
+
+
+def _md(head, rows) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def _html_table(head, rows) -> str:
+    """Deltas (columns named Δ, and '(+0.012)' suffixes) are coloured: red for a loss, green for a gain."""
+    delta_cols = {i for i, h in enumerate(head) if "Δ" in h or "mAP50-95" in h and h != "mAP50-95"}
+
+    def cell(i, v):
+        d = v.rsplit("(", 1)[-1] if i in delta_cols else ""
+        cls = "neg" if d.startswith("-") else ("pos" if d.startswith("+") else "")
+        if not _NUMERIC.match(v):
+            cls += " t"
+        return f"<td class='{cls.strip()}'>{html.escape(v)}</td>" if cls else f"<td>{html.escape(v)}</td>"
+
+    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(cell(i, v) for i, v in enumerate(r)) + "</tr>" for r in rows) + "</table>")
+
+
+def _img(png: bytes | None, alt: str) -> str:
+    if not png:
+        return ""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+# ----------------------------------------------------------------------------- the report
+def _inspect_hint(run: dict) -> str:
+    return f"qbench inspect {run['dir']}"
+
+
+def build(runs: list[dict]) -> tuple[str, str]:
+    """(summary.md, report.html) for one or more loaded runs."""
+    title = "qbench report: " + " vs ".join(r["name"] for r in runs)
+    md = [f"# {title}", ""]
+    body = [f"<h1>{html.escape(title)}</h1>",
+            f'<p class="muted">qbench {__version__}. Every number below was measured by the command shown '
+            "next to it; this page only lays them out.</p>"]
+
+    # ---- overview cards
+    body.append('<div class="cards">')
+    for r in runs:
+        c = r["compare"]["models"]
+        if "int8" in c:
+            body.append(f'<div class="card">{html.escape(r["name"])}<b>{c["int8"]["delta"]["mAP50-95"]:+.4f}</b>'
+                        f'mAP50-95 INT8 vs FP32 ({c["fp32"]["metrics"]["mAP50-95"]:.4f} → '
+                        f'{c["int8"]["metrics"]["mAP50-95"]:.4f}), {c["int8"]["speedup_batch1"]:.2f}x batch-1</div>')
+    body.append("</div>")
+
+    # ---- accuracy and speed
+    md += ["## FP32 vs INT8: accuracy, speed, size", ""]
+    body.append("<h2>FP32 vs INT8: accuracy, speed, size</h2>")
+    bars = []
+    for r in runs:
+        c, info = r["compare"], r["info"]
+        m = r["model"]
+        desc = (f"model `{info.get('weights', '?')}` ({m.get('params', 0) / 1e6:.2f} M params, imgsz "
+                f"{c['settings']['imgsz']}), data `{c['data'].get('yaml', '?')}` ({c['data']['split']}, "
+                f"{c['data']['images']} images), recipe `{info.get('recipe', '?')}`, {c['threads']} threads")
+        cmd = info.get("command", "")
+        head, rows = _accuracy_table(r)
+        md += [f"### {r['name']}", "", desc, "", f"Reproduce: `{cmd}`", "", _md(head, rows)]
+        body += [f"<h3>{html.escape(r['name'])}</h3>", f"<p>{html.escape(desc)}<br>Reproduce: <code>"
+                 f"{html.escape(cmd)}</code></p>", _html_table(head, rows)]
+        ch, cr = _class_table(r)
+        md += [_md(ch, cr)]
+        body.append(_html_table(ch, cr))
+        bars += [(r["name"], k, v["delta"]["mAP50-95"]) for k, v in c["models"].items() if k != "fp32"]
+    body.append(_img(plots.delta_bars(bars), "mAP50-95 change against FP32 per model variant"))
+
+    # ---- per-layer error
+    md += ["## Per-layer quantization error", ""]
+    body.append("<h2>Per-layer quantization error</h2>")
+    body.append('<p class="muted">Isolated: the FP32 activation quantized alone with the INT8 model\'s scale and '
+                "zero point. Cumulative: the INT8 model's own tensor, every earlier layer quantized too (QDQ graph "
+                "run as written). SQNR = 10·log10(signal power / error power).</p>")
+    depth = {}
+    for r in runs:
+        for key, ins in r["inspect"].items():
+            label = r["name"] if key == "int8" else f"{r['name']} {key}"
+            depth[label] = ins
+            head, rows = _layer_summary(ins)
+            src = ins.get("source", {})
+            note = (f"{ins['images']['statistics']} calibration images for statistics, {ins['images']['error']} "
+                    f"val images for error ({src.get('data', '')}).")
+            md += [f"### {label}", "", note, "", f"Reproduce: `{_inspect_hint(r)}`", "", _md(head, rows),
+                   "Worst tensors (isolated SQNR):", "", _md(*_worst_table(ins))]
+            body += [f"<h3>{html.escape(label)}</h3><p class='muted'>{html.escape(note)} Reproduce: "
+                     f"<code>{html.escape(_inspect_hint(r))}</code></p>", _html_table(head, rows),
+                     "<p>Worst tensors (isolated SQNR):</p>", _html_table(*_worst_table(ins))]
+        if not r["inspect"]:
+            md += [f"No per-layer analysis for {r['name']}: run `{_inspect_hint(r)}`.", ""]
+            body.append(f"<p>No per-layer analysis for {html.escape(r['name'])}: run "
+                        f"<code>{html.escape(_inspect_hint(r))}</code>.</p>")
+    body.append(_img(plots.sqnr_along_depth(depth), "SQNR along network depth"))
+    for r in runs:
+        if "int8" in r["inspect"] and "int8" in r["hists"]:
+            body += [f"<h3>{html.escape(r['name'])}: ranges of the worst layers</h3>",
+                     _img(plots.worst_histograms(r["inspect"]["int8"], r["hists"]["int8"]), "worst layer histograms")]
+
+    # ---- LeakyReLU
+    leaky_runs = {(r["name"] if k == "int8" else f"{r['name']} {k}"): ins for r in runs
+                  for k, ins in r["inspect"].items() if ins.get("leaky")}
+    if leaky_runs:
+        md += ["## LeakyReLU diagnostics", ""]
+        body.append("<h2>LeakyReLU diagnostics</h2>")
+        expl = ("Codes: how many of the 256 int8 codes the negative tail gets and the positive range keeps, as "
+                "deployed, under asymmetric uint8 and under symmetric int8 (zero point 0). Bits lost: against a "
+                "ReLU-like range [0, max] that gives all 256 codes to the positive side. Unfused: the Conv output "
+                "is quantized before the LeakyReLU, then its output again. Harm: SQNR lost against the same layer "
+                "fused and asymmetric; gain: the SQNR the named remedy measured on the same images.")
+        md += [expl, ""]
+        body.append(f"<p class='muted'>{html.escape(expl)}</p>")
+        for label, ins in leaky_runs.items():
+            head, rows = _leaky_table(ins)
+            md += [f"### {label}", "", _md(head, rows)]
+            body += [f"<h3>{html.escape(label)}</h3>", _html_table(head, rows)]
+        body.append(_img(plots.leaky_harm(leaky_runs), "LeakyReLU harm ranking"))
+
+    commands = [r["info"].get("command", "") for r in runs] + [_inspect_hint(r) for r in runs if r["inspect"]]
+    md += ["## Reproduce", ""] + [f"- `{c}`" for c in commands if c] + \
+          [f"- `qbench report {' '.join(str(r['dir']) for r in runs)}`", ""]
+    body.append("<h2>Reproduce</h2><ul>" + "".join(f"<li><code>{html.escape(c)}</code></li>" for c in commands if c)
+                + f"<li><code>qbench report {html.escape(' '.join(str(r['dir']) for r in runs))}</code></li></ul>")
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    return "\n".join(md), page
+
+
+def report(run_dirs: list[str | os.PathLike], out: str | os.PathLike | None = None) -> Path:
+    """Write summary.md and report.html for the runs into `out` (default: the single run's folder)."""
+    if not run_dirs:
+        raise QbenchError("pass at least one run folder written by `qbench run`.")
+    runs = [load_run(d) for d in run_dirs]
+    if out is None:
+        if len(runs) > 1:
+            raise QbenchError("a side-by-side report of several runs needs --out FOLDER.")
+        out = runs[0]["dir"]
+    out = Path(out)
+    md, page = build(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("summary.md", md), ("report.html", page)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out / name)
+    return out / "report.html"
