@@ -204,3 +204,86 @@ def bench_calib_memory(model: str | Path, calib: str | Path, out: str | Path, si
     summary = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(summary)
     return summary
+
+
+_INSPECT_CHILD = """
+import json, resource, sys
+from qbench.calibration import load_manifest
+from qbench.analysis import inspect_models
+fp32, int8, manifest, n, errors, out = sys.argv[1:7]
+_, paths = load_manifest(manifest)
+r = inspect_models(fp32, int8, paths[:int(n)], paths[:int(errors)], out)
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "seconds": r["seconds"], "images": r["images"]}))
+"""
+
+
+def bench_inspect(fp32: str | Path, int8: str | Path, calib: str | Path, data: str | Path, out: str | Path,
+                  images: int = 128, error_images: int = 16, memory_sizes: list[int] | None = None,
+                  argv: list[str] | None = None, progress: bool = False) -> str:
+    """Time of `qbench inspect` (statistics over `images` calibration images + error over `error_images` val
+    images) against one FP32 evaluation pass over as many images of the same data, in one process; and, per
+    `memory_sizes`, the peak RSS of inspect in a fresh process (bounded memory: the largest near the smallest)."""
+    import json
+    import subprocess
+    import sys
+
+    from .analysis import inspect_run
+    from .calibration import load_manifest
+    from .errors import QbenchError
+
+    fp32, int8, out = Path(fp32), Path(int8), Path(out)
+    _, paths = load_manifest(calib)
+    if images > len(paths) or max(memory_sizes or [0]) > len(paths):
+        raise QbenchError(f"calibration manifest '{calib}' has {len(paths)} images, fewer than asked for; "
+                          "build a larger one with `qbench calib`.")
+    settings = EvalSettings(split="train", limit=images)
+    evaluate(fp32, data, EvalSettings(split="train", limit=2))  # warm-up: imports, first-touch caches
+    t = time.perf_counter()
+    ev = evaluate(fp32, data, settings, progress=progress)
+    eval_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        ins = inspect_run(fp32=fp32, int8=int8, calib=calib, data=data, out=Path(tmp) / "inspect", images=images,
+                          error_images=error_images, progress=progress)
+        inspect_s = time.perf_counter() - t
+        mem = []
+        for n in memory_sizes or []:
+            r = subprocess.run([sys.executable, "-c", _INSPECT_CHILD, str(fp32), str(int8), str(calib), str(n), "1",
+                                str(Path(tmp) / f"mem-{n}")], capture_output=True, text=True, check=False)
+            if r.returncode != 0:
+                raise QbenchError(f"inspect with {n} images failed: {r.stderr.strip().splitlines()[-1]}")
+            mem.append({**json.loads(r.stdout.strip().splitlines()[-1]), "images": n})
+    for m in mem:
+        m["ratio_to_smallest"] = round(m["peak_rss_mb"] / mem[0]["peak_rss_mb"], 3)
+    command = " ".join(["qbench", *(argv or [])[1:]]) if argv else None
+    result = {"command": command, "fp32": str(fp32), "int8": str(int8), "calibration": str(calib), "data": str(data),
+              "imgsz": ins["imgsz"], "images": images, "error_images": error_images,
+              "fp32_eval_s": round(eval_s, 2), "fp32_eval_images": ev["data"]["images"],
+              "inspect_s": round(inspect_s, 2), "inspect_seconds": ins["seconds"],
+              "ratio_inspect_to_eval": round(inspect_s / eval_s, 3),
+              "ratio_statistics_to_eval": round(ins["seconds"]["statistics"] / eval_s, 3),
+              "memory": mem, "threads": default_threads(), "qbench_version": __version__,
+              "machine": platform.processor() or platform.machine()}
+    write_json(result, out / "bench.json")
+    lines = ["# Inspect cost: time against one FP32 evaluation pass, and memory", "",
+             f"Reproduce: `{command}`" if command else "", "",
+             f"imgsz {ins['imgsz']}, {default_threads()} threads. FP32 evaluation: {ev['data']['images']} train images "
+             f"of `{data}` (letterbox, batched ONNX Runtime, NMS, matching). Inspect: statistics of "
+             f"{ins['summary']['tensors']} tensors over {images} calibration images (`{calib}`) + error (FP32 and "
+             f"simulated INT8) over {error_images} val images.", "",
+             "| step | seconds | ratio to FP32 evaluation |", "|---|---|---|",
+             f"| FP32 evaluation, {ev['data']['images']} images | {eval_s:.1f} | 1.00x |",
+             f"| inspect: statistics, {images} images | {ins['seconds']['statistics']:.1f} | "
+             f"{ins['seconds']['statistics'] / eval_s:.2f}x |",
+             f"| inspect: error, {error_images} images | {ins['seconds']['error']:.1f} | "
+             f"{ins['seconds']['error'] / eval_s:.2f}x |",
+             f"| inspect, whole command | {inspect_s:.1f} | **{inspect_s / eval_s:.2f}x** |", ""]
+    if mem:
+        lines += ["Peak memory of inspect (statistics over N images, fresh process each):", "",
+                  "| images | peak RSS MB | ratio to smallest | statistics s |", "|---|---|---|---|"]
+        lines += [f"| {m['images']} | {m['peak_rss_mb']:.0f} | {m['ratio_to_smallest']:.2f}x | "
+                  f"{m['seconds']['statistics']:.1f} |" for m in mem]
+    summary = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(summary)
+    return summary

@@ -301,6 +301,25 @@ def bench_calib_memory(
     typer.echo(run_memory(model, calib_manifest, out, _sizes(sizes), recipe=recipe, imgsz=imgsz, argv=sys.argv))
 
 
+@bench_app.command("inspect")
+def bench_inspect(
+    fp32: Path = typer.Argument(..., help="FP32 .onnx."),
+    int8: Path = typer.Argument(..., help="INT8 QDQ .onnx made from it."),
+    calib_manifest: Path = typer.Option(..., "--calib", help="Calibration manifest (statistics images)."),
+    data: Path = typer.Option(..., "--data", help="data.yaml: its train split is evaluated, its val split scored."),
+    out: Path = typer.Option(..., "--out", help="Folder for bench.json and summary.md."),
+    images: int = typer.Option(128, help="Images for the statistics and for the FP32 evaluation pass."),
+    error_images: int = typer.Option(16),
+    memory_sizes: str = typer.Option("64,512", help="Peak RSS of inspect at these image counts ('' to skip)."),
+):
+    """Time of `qbench inspect` against one FP32 evaluation pass over as many images; peak memory per size."""
+    from .bench import bench_inspect as run_bench
+
+    typer.echo(run_bench(fp32, int8, calib_manifest, data, out, images=images, error_images=error_images,
+                         memory_sizes=_sizes(memory_sizes) if memory_sizes.strip() else None, argv=sys.argv,
+                         progress=True))
+
+
 def main() -> None:
     """Console entry point: typer handles usage errors (exit 2); QbenchError becomes one line and exit 2."""
     try:

@@ -95,6 +95,24 @@ def _load(path: Path, what: str):
         raise QbenchError(f"{what} '{path}' is not an ONNX model; pass the .onnx that `qbench run` wrote.") from e
 
 
+def _ahead(forward, images, imgsz: int, input_name: str):
+    """Yield forward(x) image by image, computing the next image's while the caller works on the current one
+    (ONNX Runtime and NumPy both release the GIL): at most two images' tensors are alive at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reader = CalibrationReader(images, imgsz, input_name, batch=1)
+
+    def step():
+        feed = reader.get_next()
+        return None if feed is None else forward(feed[input_name])
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(step)
+        while (values := pending.result()) is not None:
+            pending = pool.submit(step)
+            yield values
+
+
 def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike, calib_images: Sequence[str | os.PathLike],
                    error_images: Sequence[str | os.PathLike], out: str | os.PathLike, bins: int = DEFAULT_BINS,
                    threads: int | None = None, progress: bool = False, source: dict | None = None) -> dict:
@@ -127,9 +145,8 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike, calib_image
     stats = {t: TensorStats(bins, acts[t].qparams if t in acts else None) for t in watched}
     tap = TensorTap(fmodel, watched, threads)
     with bar(len(calib_images), "Activation statistics", progress) as advance:
-        reader = CalibrationReader(calib_images, imgsz, info["input_name"], batch=1)
-        while (feed := reader.get_next()) is not None:
-            for t, v in tap.run(feed[info["input_name"]]).items():
+        for values in _ahead(lambda x: tap.run(x), calib_images, imgsz, info["input_name"]):
+            for t, v in values.items():
                 stats[t].update(v)
             advance(1)
     t_stats = time.perf_counter() - t_start
@@ -153,10 +170,7 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike, calib_image
     ftap = TensorTap(fmodel, watched + [out_name], threads)
     t1 = time.perf_counter()
     with bar(len(error_images), "Quantization error", progress) as advance:
-        reader = CalibrationReader(error_images, imgsz, info["input_name"], batch=1)
-        while (feed := reader.get_next()) is not None:
-            x = feed[info["input_name"]]
-            fv, qv = ftap.run(x), qtap.run(x)
+        for fv, qv in _ahead(lambda x: (ftap.run(x), qtap.run(x)), error_images, imgsz, info["input_name"]):
             for t in watched:
                 ref = fv[t]
                 if t in acts:

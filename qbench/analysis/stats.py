@@ -133,7 +133,6 @@ class TensorStats:
         self.sum = 0.0
         self.sumsq = 0.0
         self.negative = 0
-        self.zero = 0
         self.clipped_low = 0
         self.clipped_high = 0
         self.hist: np.ndarray | None = None
@@ -170,36 +169,48 @@ class TensorStats:
             self.width *= 2.0
 
     def update(self, x: np.ndarray) -> None:
+        """Add one batch. About ten passes over the data: per-channel min/max (the global ones follow), sum, sum
+        of squares, the negative count, the histogram (index + bincount); clip counts only when the batch
+        reaches past the calibrated range."""
         x = np.asarray(x, np.float32)
         if x.size == 0:
             return
-        flat = x.ravel()
-        mn, mx = float(flat.min()), float(flat.max())
+        if x.ndim == 4 and x.shape[1] > 1:  # NCHW: channels as contiguous rows
+            rows = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1) if x.shape[0] > 1 else x.reshape(x.shape[1], -1)
+            cmin, cmax = rows.min(axis=1), rows.max(axis=1)
+            self.ch_min = cmin if self.ch_min is None else np.minimum(self.ch_min, cmin)
+            self.ch_max = cmax if self.ch_max is None else np.maximum(self.ch_max, cmax)
+            mn, mx = float(cmin.min()), float(cmax.max())
+        else:
+            mn, mx = float(x.min()), float(x.max())
         if not (math.isfinite(mn) and math.isfinite(mx)):
             raise ValueError("non-finite activation values")
+        flat = x.reshape(-1)
         if self.hist is None:
             self._init_hist(mn, mx)
             self.shape = tuple(x.shape[1:])
         self._grow(mn, mx)
         self.count += flat.size
         self.min, self.max = min(self.min, mn), max(self.max, mx)
-        self.sum += float(flat.sum(dtype=np.float64))
+        self.sum += float(np.add.reduce(flat, dtype=np.float32))
         self.sumsq += float(np.dot(flat, flat))
-        self.negative += int(np.count_nonzero(flat < 0))
-        self.zero += int(flat.size - np.count_nonzero(flat))
-        if self.qparams is not None:
-            # a value is clipped when it rounds outside the integer range, i.e. lies beyond half a step past an end
-            half = 0.5 * self.qparams.scale
-            self.clipped_low += int(np.count_nonzero(flat < self.qparams.lo - half))
-            self.clipped_high += int(np.count_nonzero(flat > self.qparams.hi + half))
-        idx = ((flat - np.float32(self.lo)) * np.float32(1.0 / self.width)).astype(np.int64)
-        np.clip(idx, 0, self.bins - 1, out=idx)
-        self.hist += np.bincount(idx, minlength=self.bins)
-        if x.ndim == 4 and x.shape[1] > 1:
-            cmin = x.min(axis=(0, 2, 3))
-            cmax = x.max(axis=(0, 2, 3))
-            self.ch_min = cmin if self.ch_min is None else np.minimum(self.ch_min, cmin)
-            self.ch_max = cmax if self.ch_max is None else np.maximum(self.ch_max, cmax)
+        if mn < 0:
+            self.negative += flat.size if mx < 0 else int(np.count_nonzero(flat < 0))
+        q = self.qparams
+        if q is not None:
+            # a value is clipped when it rounds outside the integer range: beyond half a step past either end
+            half = 0.5 * q.scale
+            if mn < q.lo - half:
+                self.clipped_low += int(np.count_nonzero(flat < np.float32(q.lo - half)))
+            if mx > q.hi + half:
+                self.clipped_high += int(np.count_nonzero(flat > np.float32(q.hi + half)))
+        idx = flat - np.float32(self.lo)
+        idx *= np.float32(1.0 / self.width)
+        counts = np.bincount(idx.astype(np.int32), minlength=self.bins)
+        if counts.size > self.bins:  # float32 rounding at the top edge
+            counts[self.bins - 1] += counts[self.bins:].sum()
+            counts = counts[: self.bins]
+        self.hist += counts
 
     # ------------------------------------------------------------------ results
     @property
@@ -244,7 +255,6 @@ class TensorStats:
         for p in PERCENTILES:
             d[f"p{p:g}"] = self.percentile(p)
         d["negative_fraction"] = self.negative / self.count if self.count else 0.0
-        d["zero_fraction"] = self.zero / self.count if self.count else 0.0
         d["neg_to_pos_ratio"] = abs(self.min) / self.max if self.max > 0 and self.min < 0 else 0.0
         if self.qparams is not None:
             clipped = self.clipped_low + self.clipped_high
