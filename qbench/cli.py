@@ -22,6 +22,11 @@ app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 
 
+PROFILE_HELP = ("NPU profile applied on top of the recipe: cpu, npu-symmetric, npu-symmetric-pow2 (configs/npu/) "
+                "or a YAML.")
+FUSION_HELP = "Conv+activation quantization: fused | unfused | ort (overrides the profile's activation_fusion)."
+
+
 def _say(msg: str) -> None:
     typer.echo(msg, err=True)
 
@@ -139,6 +144,8 @@ def quantize(
     calib_manifest: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest from `qbench calib`."),
     data: Optional[Path] = typer.Option(None, "--data", help="Or: sample the calibration set from this data's train split."),
     recipe: str = typer.Option("default", help="Recipe name in configs/recipes/ or a YAML path."),
+    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
+    fusion: Optional[str] = typer.Option(None, "--fusion", help=FUSION_HELP),
 ):
     """Static INT8 PTQ with ONNX Runtime (QDQ), the YOLO decode kept in float."""
     import tempfile
@@ -147,9 +154,9 @@ def quantize(
     from .data.dataset import image_files, load_data_yaml
     from .files import write_json
     from .models.export import export_onnx
-    from .quantize import load_recipe, quantize_ort
+    from .quantize import apply_profile, quantize_ort
 
-    rec = load_recipe(recipe)
+    rec = apply_profile(recipe, profile, fusion)
     if (calib_manifest is None) == (data is None):
         raise QbenchError("pass exactly one of --calib MANIFEST.json or --data DATA.yaml for the calibration images.")
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,27 +166,60 @@ def quantize(
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx") if model.suffix.lower() == ".pt" else model
         report = quantize_ort(fp32, out, rec, calib_manifest, progress=True)
     write_json(report, out.with_name(out.stem + ".quantize.json"))
-    q = report["qlinear_ops"]
+    q, con = report["qlinear_ops"], report["constraints"]
     typer.echo(f"wrote {out} ({report['size_bytes']['int8'] / 2**20:.1f} MB; {q.get('QLinearConv', 0)} QLinearConv "
                f"after ORT optimization; {report['head'].get('decode_nodes', 0)} decode nodes kept float)")
+    if profile or fusion:
+        pow2 = con.get("pow2")
+        typer.echo(f"recipe {rec.name}: {con.get('qdq_pairs_removed', 0)} Conv->activation Q/DQ pairs removed"
+                   + (f", {pow2['values_rounded']} scale values rounded up to powers of two" if pow2 else ""))
 
 
 @app.command()
 def compare(
     fp32: Path = typer.Argument(..., help="FP32 .onnx."),
-    int8: Path = typer.Argument(..., help="INT8 .onnx."),
+    int8: Optional[Path] = typer.Argument(None, help="INT8 .onnx (or use --profile instead)."),
     data: Path = typer.Option(..., "--data"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for compare.json and compare.md."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for compare.json and compare.md (and, with "
+                                                           "--profile, one folder per INT8 variant)."),
     batch: int = typer.Option(16),
     threads: Optional[int] = typer.Option(None),
+    profiles: Optional[list[str]] = typer.Option(None, "--profile", help="Quantize FP32 under this NPU profile "
+                                                 "(configs/npu/ name or YAML); repeat for several."),
+    calib_manifest: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest (with --profile)."),
+    recipe: str = typer.Option("default", help="Base recipe for --profile (configs/recipes/ name or YAML)."),
+    fusion: Optional[str] = typer.Option(None, "--fusion", help=FUSION_HELP),
+    both_fusions: bool = typer.Option(False, "--both-fusions", help="Each profile twice: fused and unfused."),
 ):
-    """FP32 vs INT8 through the same evaluation path: P, R, mAP50, mAP50-95, per-class deltas, latency, size."""
+    """FP32 vs INT8 through the same evaluation path: P, R, mAP50, mAP50-95, per-class deltas, latency, size.
+
+    With --profile (no INT8 argument): quantize FP32 once per profile and compare every variant in one table."""
     from .compare import compare as run_compare
-    from .compare import compare_md
+    from .compare import compare_md, compare_profiles
     from .evaluate import EvalSettings
     from .files import write_json
 
-    c = run_compare(fp32, int8, data, EvalSettings(batch=batch, threads=threads), progress=True)
+    settings = EvalSettings(batch=batch, threads=threads)
+    if profiles:
+        if int8 is not None:
+            raise QbenchError(f"pass either an INT8 model ({int8}) or --profile, not both: --profile quantizes "
+                              "the FP32 model itself.")
+        if calib_manifest is None:
+            raise QbenchError("--profile needs --calib MANIFEST.json (from `qbench calib`) to quantize the FP32 model.")
+        if both_fusions and fusion:
+            raise QbenchError("pass --fusion or --both-fusions, not both.")
+        fusions = ["fused", "unfused"] if both_fusions else [fusion] if fusion else None
+        c = compare_profiles(fp32, data, calib_manifest, profiles, recipe=recipe, fusions=fusions, out=out,
+                             settings=settings, progress=True)
+    else:
+        if int8 is None:
+            raise QbenchError("pass an INT8 .onnx to compare with, or --profile P (with --calib) to quantize the "
+                              "FP32 model under NPU profiles.")
+        used = [flag for flag, given in (("--calib", calib_manifest), ("--recipe", recipe != "default"),
+                                         ("--fusion", fusion), ("--both-fusions", both_fusions)) if given]
+        if used:
+            raise QbenchError(f"{', '.join(used)} only go with --profile; drop them to compare {int8} as it is.")
+        c = run_compare(fp32, int8, data, settings, progress=True)
     md = compare_md(c)
     typer.echo(md)
     if out:
@@ -199,12 +239,15 @@ def run(
     recipe: str = typer.Option("default", help="Quantization recipe (configs/recipes/ name or YAML path)."),
     calib_manifest: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest (default: sample the train split)."),
     baseline: bool = typer.Option(False, "--baseline", help="Also score ultralytics' own export(format='onnx', quantize=8)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
+    fusion: Optional[str] = typer.Option(None, "--fusion", help=FUSION_HELP),
 ):
     """The main job: export FP32 ONNX, calibrate, quantize to INT8, evaluate both, compare; writes a run folder."""
     from .pipeline import run as run_pipeline
 
     run_dir = run_pipeline(weights=weights, data=data, out=out, imgsz=imgsz, batch=batch, threads=threads,
-                           recipe=recipe, calib=calib_manifest, baseline=baseline, progress=True)
+                           recipe=recipe, calib=calib_manifest, baseline=baseline, profile=profile,
+                           fusion=fusion, progress=True)
     typer.echo((run_dir / "summary.md").read_text())
     typer.echo(f"run folder: {run_dir}")
 

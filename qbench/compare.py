@@ -3,12 +3,19 @@
 Latency is measured in one process, FP32 and INT8 interleaved round by round
 (so both see the same machine state), with the same thread count: batch-1
 median and p90 over repeated runs, and batched throughput in images/s.
+
+`compare_profiles` quantizes one FP32 model once per NPU profile (and fusion)
+and puts FP32 and every INT8 variant in one such table. Latency there is ORT's
+x86 speed of the simulated graph, not the NPU's.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +66,11 @@ def measure_latency(dets: dict[str, Detector], sample: np.ndarray, batch: int = 
     return out
 
 
-def compare(fp32: str | Path, int8: str | Path, data: str | Path, settings: EvalSettings = EvalSettings(),
+def compare(fp32: str | Path, int8: str | Path | None, data: str | Path, settings: EvalSettings = EvalSettings(),
             progress: bool = False, extra: dict[str, Path] | None = None, rounds: int = 20) -> dict:
-    """Evaluate FP32, INT8 (and any `extra` models) the same way; deltas are against FP32."""
-    models = {"fp32": Path(fp32), "int8": Path(int8), **{k: Path(v) for k, v in (extra or {}).items()}}
+    """Evaluate FP32, INT8 (and any `extra` models; int8 None: only those) the same way; deltas are against FP32."""
+    models = {"fp32": Path(fp32), **({"int8": Path(int8)} if int8 is not None else {}),
+              **{k: Path(v) for k, v in (extra or {}).items()}}
     threads = settings.threads or default_threads()
     dets = {k: open_model(p, threads) for k, p in models.items()}  # one session per model, for both uses
     results = {k: evaluate(det, data, settings, progress=progress) for k, det in dets.items()}
@@ -88,6 +96,49 @@ def compare(fp32: str | Path, int8: str | Path, data: str | Path, settings: Eval
         rows[k]["speedup_batch1"] = round(latency["fp32"]["batch1_median_ms"] / latency[k]["batch1_median_ms"], 3)
     return {"data": base["data"], "settings": base["settings"], "threads": threads, "models": rows,
             "evaluations": results}
+
+
+def compare_profiles(fp32: str | Path, data: str | Path, calib: str | os.PathLike | Sequence,
+                     profiles: Sequence[str | os.PathLike], recipe: str | os.PathLike | None = None,
+                     fusions: Sequence[str] | None = None, out: str | Path | None = None,
+                     settings: EvalSettings = EvalSettings(), progress: bool = False) -> dict:
+    """Quantize `fp32` once per profile (x each of `fusions`; None: the profile's own activation_fusion), then
+    evaluate FP32 and every variant with `compare`. Rows are named 'int8[PROFILE,FUSION]'.
+
+    Each variant goes to out/PROFILE-FUSION/ (int8.onnx, recipe.yaml, quantize.json); without `out` to a temporary
+    folder removed afterwards. The result is `compare`'s, plus 'variants': per row the recipe applied and what
+    the constraints changed.
+    """
+    from .errors import QbenchError
+    from .files import write_json
+    from .quantize import apply_profile, load_profile, load_recipe, quantize_ort
+
+    if not profiles:
+        raise QbenchError("no profile to compare; pass at least one, e.g. --profile cpu --profile npu-symmetric.")
+    base = load_recipe(recipe)
+    variants = {}  # row -> (folder name, recipe); everything validated before the first quantization
+    for p in profiles:
+        prof = load_profile(p)
+        for fusion in fusions or [None]:
+            rec = apply_profile(base, prof, fusion)
+            row = f"int8[{prof.name},{rec.activation_fusion}]"
+            if row in variants:
+                raise QbenchError(f"{row} is asked for twice; pass each profile once.")
+            variants[row] = (f"{prof.name}-{rec.activation_fusion}", rec)
+    with tempfile.TemporaryDirectory(prefix="qbench-profiles-") as tmp:
+        root = Path(out) if out is not None else Path(tmp)
+        models, info = {}, {}
+        for row, (folder, rec) in variants.items():
+            model = root / folder / "int8.onnx"
+            report = quantize_ort(fp32, model, rec, calib, progress=progress)
+            write_json(report, model.with_name("quantize.json"))
+            models[row] = model
+            info[row] = {"recipe": rec.name, "folder": str(model.parent) if out is not None else None,
+                         "settings": rec.to_dict(), "constraints": report["constraints"],
+                         "qlinear_ops": report["qlinear_ops"]}
+        c = compare(fp32, None, data, settings, progress=progress, extra=models)
+    c["variants"] = info
+    return c
 
 
 def compare_md(c: dict) -> str:
@@ -116,4 +167,14 @@ def compare_md(c: dict) -> str:
                 cell += f" ({v['delta_mAP50-95']:+.3f})"
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if c.get("variants"):
+        lines += ["", "| model | recipe | activations | pow2 scales | Conv->activation Q/DQ removed | QLinearConv "
+                  "(x86) |", "|---|---|---|---|---|---|"]
+        for k, v in c["variants"].items():
+            st, con = v["settings"], v["constraints"]
+            acts = f"{st['activation_type']} {'symmetric' if st['activation_symmetric'] else 'asymmetric'}"
+            lines.append(f"| {k} | {v['recipe']} | {acts} | {'yes' if con['pow2_scales'] else 'no'} | "
+                         f"{con.get('qdq_pairs_removed', 0)} | {v['qlinear_ops'].get('QLinearConv', 0)} |")
+        lines += ["", "Accuracy is the profile's; latency is ONNX Runtime's on this CPU running the simulated QDQ "
+                  "graph, not the NPU's."]
     return "\n".join(lines) + "\n"

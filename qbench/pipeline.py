@@ -41,19 +41,20 @@ def next_run_dir(root: Path = Path("runs") / "qbench", name: str = "run") -> Pat
 
 def run(weights: Path | None = None, data: Path | None = None, out: Path | None = None, imgsz: int | None = None,
         batch: int = 16, threads: int | None = None, recipe: str | Path | None = None, calib: Path | None = None,
-        baseline: bool = False, progress: bool = False) -> Path:
+        baseline: bool = False, profile: str | Path | None = None, fusion: str | None = None,
+        progress: bool = False) -> Path:
     from .calibration import build_manifest, save_manifest
     from .compare import compare
     from .data.dataset import image_files
     from .models.export import export_onnx
     from .models.load import load_checkpoint, model_facts
-    from .quantize import load_recipe, quantize_ort
+    from .quantize import apply_profile, quantize_ort
 
+    rec = apply_profile(recipe, profile, fusion)  # the recipe itself without profile and fusion; checked first
     weights = Path(weights) if weights else default_weights()
     if data is None and calib is None:  # the embedded set calibrates on its committed manifest (hash-verified)
         calib = DEFAULT_CALIB
     data = Path(data) if data else default_data(progress=progress)
-    rec = load_recipe(recipe)
     spec = load_data_yaml(data, require=("val",) if calib else ("val", "train"))
     yolo = load_checkpoint(weights)
     facts = model_facts(yolo, imgsz)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+IMGSZ = 64  # the untrained exports below: a few seconds to quantize
 SHARED = REPO.parent / "shared" / "datasets"
 GTSDB4 = SHARED / "gtsdb4" / "data.yaml"
 
@@ -50,6 +51,44 @@ def default_onnx(tmp_path_factory, default_weights) -> Path:
     from qbench.models.export import export_onnx
 
     return export_onnx(default_weights, tmp_path_factory.mktemp("onnx") / "fp32.onnx")
+
+
+def _untrained_onnx(tmp: Path, act: str) -> Path:
+    """configs/models/yolo11n-l3-{act}.yaml, untrained, exported at IMGSZ."""
+    import qbench.ultra  # noqa: F401  (offline ultralytics first)
+    from ultralytics import YOLO
+
+    from qbench.models.export import export_onnx
+
+    pt = tmp / f"{act}.pt"
+    YOLO(str(REPO / "configs" / "models" / f"yolo11n-l3-{act}.yaml")).save(str(pt))
+    return export_onnx(pt, tmp / f"{act}.onnx", imgsz=IMGSZ)
+
+
+@pytest.fixture(scope="session")
+def leaky_onnx(tmp_path_factory) -> Path:
+    return _untrained_onnx(tmp_path_factory.mktemp("leaky"), "leaky")
+
+
+@pytest.fixture(scope="session")
+def silu_onnx(tmp_path_factory) -> Path:
+    return _untrained_onnx(tmp_path_factory.mktemp("silu"), "silu")
+
+
+@pytest.fixture(scope="session")
+def relu_onnx(tmp_path_factory) -> Path:
+    return _untrained_onnx(tmp_path_factory.mktemp("relu"), "relu")
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory) -> Path:
+    """A manifest of 12 stratified images from a tiny synthetic train split."""
+    from qbench.calibration import build_manifest, save_manifest
+    from qbench.data.default import synth_dataset
+
+    d = tmp_path_factory.mktemp("calib")
+    y = synth_dataset(d / "data", n_train=12, n_val=0)
+    return save_manifest(build_manifest(y, 12, seed=0), d / "calib.json")
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

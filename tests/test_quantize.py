@@ -11,48 +11,17 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from qbench.calibration import CalibrationReader, build_manifest, save_manifest
+from qbench.calibration import CalibrationReader
 from qbench.errors import QbenchError
 from qbench.quantize import Recipe, available_recipes, find_head, load_recipe, quantize_ort, recipe_from_dict
 from qbench.quantize import ort_engine
 from qbench.quantize.recipe import KEYS, write_recipe
 
-REPO = Path(__file__).resolve().parents[1]
-IMGSZ = 64
+from conftest import IMGSZ, REPO
 
 
 # --------------------------------------------------------------------------- fixtures
-def _untrained_onnx(tmp: Path, act: str) -> Path:
-    import qbench.ultra  # noqa: F401  (offline ultralytics first)
-    from ultralytics import YOLO
-
-    from qbench.models.export import export_onnx
-
-    pt = tmp / f"{act}.pt"
-    YOLO(str(REPO / "configs" / "models" / f"yolo11n-l3-{act}.yaml")).save(str(pt))
-    return export_onnx(pt, tmp / f"{act}.onnx", imgsz=IMGSZ)
-
-
-@pytest.fixture(scope="session")
-def leaky_onnx(tmp_path_factory) -> Path:
-    return _untrained_onnx(tmp_path_factory.mktemp("leaky"), "leaky")
-
-
-@pytest.fixture(scope="session")
-def silu_onnx(tmp_path_factory) -> Path:
-    return _untrained_onnx(tmp_path_factory.mktemp("silu"), "silu")
-
-
-@pytest.fixture(scope="session")
-def calib(tmp_path_factory) -> Path:
-    """A manifest of 12 stratified images from a tiny synthetic train split."""
-    from qbench.data.default import synth_dataset
-
-    d = tmp_path_factory.mktemp("calib")
-    y = synth_dataset(d / "data", n_train=12, n_val=0)
-    return save_manifest(build_manifest(y, 12, seed=0), d / "calib.json")
-
-
+# untrained exports at IMGSZ (leaky_onnx, silu_onnx, relu_onnx) and the 12-image manifest (calib): conftest.py
 @pytest.fixture(scope="session")
 def quantized(leaky_onnx, calib, tmp_path_factory):
     """The default recipe on the untrained leaky export, run from an empty working folder (to catch litter)."""

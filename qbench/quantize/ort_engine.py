@@ -31,8 +31,13 @@ the user's files):
    chunk by chunk (different thresholds, and a quadratic entropy search);
 5. `quantize_static(QDQ)` with those ranges (passed as ORT's calibration cache,
    so num_bins, which quantize_static does not forward, is honoured), the
-   exclusions and the recipe's types and options;
-6. copy the FP32 model's metadata (class names, imgsz, ...) into the INT8 model,
+   exclusions and the recipe's types and options (activation_fusion 'unfused'
+   sets ORT's QDQKeepRemovableActivations, so Relu/Clip keep their own Q/DQ);
+6. apply the recipe's hardware constraints to the QDQ graph (`constraints.py`):
+   activation_fusion 'fused' removes the Q/DQ between a Conv and its
+   activation, pow2_scales makes every scale a power of two (weights and
+   biases requantized from the pre-processed FP32 model's float values);
+7. copy the FP32 model's metadata (class names, imgsz, ...) into the INT8 model,
    load it in ONNX Runtime with every optimisation (which fuses QDQ groups into
    QLinearConv & co.) and run it once; write recipe.yaml (the recipe actually
    used + the excluded node names) next to the output, then rename the model into
@@ -60,6 +65,7 @@ from .. import __version__
 from ..calibration import CalibrationReader, load_manifest
 from ..errors import QbenchError
 from ..progress import bar
+from .constraints import apply_constraints
 from .recipe import MAX_OPSET, MIN_CALIB, Recipe, load_recipe, write_recipe
 
 LOG = logging.getLogger("qbench")
@@ -433,6 +439,8 @@ def _quantize_kwargs(recipe: Recipe, excluded: list[str], op_types: list[str]) -
              "CalibMovingAverage": False}
     if recipe.method == "percentile":
         extra["CalibPercentile"] = recipe.effective_percentile
+    if recipe.activation_fusion == "unfused":  # ORT folds Relu/Clip into the Conv's range unless told not to
+        extra["QDQKeepRemovableActivations"] = True
     return dict(quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types, per_channel=recipe.per_channel,
                 reduce_range=recipe.reduce_range, activation_type=qtype[recipe.activation_type],
                 weight_type=qtype[recipe.weight_type], nodes_to_exclude=list(excluded), extra_options=extra)
@@ -639,6 +647,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         seconds["quantize"] = time.perf_counter() - t
 
         qmodel = onnx.load(str(qpath))
+        constraints = apply_constraints(qmodel, recipe, pre)
         keep = [(p.key, p.value) for p in qmodel.metadata_props if p.key not in meta]
         del qmodel.metadata_props[:]
         extra_meta = {"qbench_quant_engine": f"onnxruntime {ort.__version__} static QDQ",
@@ -689,6 +698,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         "head": {**asdict(head), "decode_nodes": len(head.decode), "qdq_in_decode": violations}
                 if recipe.keep_head_float else
                 {"kept_float": False, "branch_convs": head.branch_convs},
+        "constraints": constraints,
         "excluded": excluded,
         "forced_in": forced,
         "unmatched_patterns": unmatched,

@@ -24,6 +24,18 @@ Keys (defaults in brackets):
   exclude           node-name glob patterns kept float              [[]]
   include           node-name glob patterns quantized even when excluded otherwise [[]]
   keep_head_float   keep the YOLO detect-head decode in float       [true]
+  pow2_scales       every scale a power of two (activation, per-channel weight and int32 bias scales), each
+                    rounded UP to 2**ceil(log2(s)) so nothing calibrated is clipped; weights and biases are
+                    requantized from the float model. Needs zero points of 0: activation_symmetric and
+                    weight_symmetric true, activation_type and weight_type int8   [false]
+  activation_fusion how a Conv and the activation after it are quantized     [ort]
+                    ort: what ONNX Runtime's QDQ quantizer does: with asymmetric activations it folds Relu/Clip
+                         into the Conv's output range (with symmetric ones it keeps them, each with its own Q/DQ);
+                         LeakyRelu, Sigmoid and SiLU's Mul always get their own Q/DQ after the Conv's
+                    fused: the NPU computes Conv + activation in one kernel: the Q/DQ between a Conv output and
+                         its activation (LeakyRelu, Relu, Clip, PRelu, HardSwish, SiLU's Sigmoid and Mul) is
+                         removed when that Conv output feeds nothing else
+                    unfused: every activation requantized separately, Relu/Clip included
 
 Note on percentile: ONNX Runtime's percentile calibrator builds the histogram of
 |x| and takes a symmetric threshold, then clamps it to the observed min/max, so a
@@ -50,6 +62,7 @@ HIST_METHODS = ("entropy", "percentile", "distribution")
 ACT_TYPES = ("uint8", "int8")
 WEIGHT_TYPES = ("int8", "uint8")
 FORMATS = ("qdq",)
+FUSIONS = ("ort", "fused", "unfused")
 MIN_OPSET, MAX_OPSET = 13, 20  # per-channel QDQ needs 13; ORT's static INT8 rejects >= 21
 MIN_CALIB = 8  # fewer images give unstable ranges
 MAX_CALIB = 100_000
@@ -81,6 +94,8 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     keep_head_float: bool = True
+    pow2_scales: bool = False
+    activation_fusion: str = "ort"
     name: str = field(default="custom", compare=False)  # where it came from, for messages; not a YAML key
 
     # ---- derived values the engine uses
@@ -115,106 +130,143 @@ class Recipe:
 KEYS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "name")
 
 
-def _bool(name, key, v):
+# The validators take the label that starts their message: "recipe NAME" or "profile NAME".
+def _bool(label, key, v):
     if not isinstance(v, bool):
-        raise QbenchError(f"recipe {name}: '{key}' is {v!r}; allowed: true or false.")
+        raise QbenchError(f"{label}: '{key}' is {v!r}; allowed: true or false.")
     return v
 
 
-def _choice(name, key, v, allowed):
+def _choice(label, key, v, allowed):
     if not isinstance(v, str) or v.lower() not in allowed:
-        raise QbenchError(f"recipe {name}: '{key}' is {v!r}; allowed: {', '.join(allowed)}.")
+        raise QbenchError(f"{label}: '{key}' is {v!r}; allowed: {', '.join(allowed)}.")
     return v.lower()
 
 
-def _int(name, key, v, lo, hi, extra=""):
+def _int(label, key, v, lo, hi, extra=""):
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise QbenchError(f"recipe {name}: '{key}' is {v!r}; allowed: a whole number from {lo} to {hi}{extra}.")
+        raise QbenchError(f"{label}: '{key}' is {v!r}; allowed: a whole number from {lo} to {hi}{extra}.")
     return v
 
 
-def _patterns(name, key, v):
+def _patterns(label, key, v):
     if v is None:
         return ()
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, (list, tuple)) or not all(isinstance(p, str) and p.strip() for p in v):
-        raise QbenchError(f"recipe {name}: '{key}' is {v!r}; allowed: a list of node-name glob patterns, "
+        raise QbenchError(f"{label}: '{key}' is {v!r}; allowed: a list of node-name glob patterns, "
                           f"e.g. ['/model.23/*'].")
     return tuple(p.strip() for p in v)
 
 
-def recipe_from_dict(data: dict, name: str = "custom") -> Recipe:
-    """Validate a mapping of recipe keys (unknown keys and bad values raise QbenchError)."""
+POW2_NEEDS = {"activation_symmetric": True, "weight_symmetric": True, "activation_type": "int8",
+              "weight_type": "int8"}  # zero points of 0
+
+
+def _check_pow2(label: str, r: dict) -> None:
+    """pow2_scales only with zero points of 0 (symmetric int8 activations and weights)."""
+    if not r["pow2_scales"]:
+        return
+    bad = [f"{k}: {str(r[k]).lower()}" for k, want in POW2_NEEDS.items() if r[k] != want]
+    if bad:
+        need = ", ".join(f"{k}: {str(v).lower()}" for k, v in POW2_NEEDS.items())
+        raise QbenchError(f"{label}: 'pow2_scales: true' needs zero points of 0 ({need}), but it has "
+                          f"{', '.join(bad)}; change those keys or set 'pow2_scales: false'.")
+
+
+def recipe_from_dict(data: dict, name: str = "custom", kind: str = "recipe") -> Recipe:
+    """Validate a mapping of recipe keys (unknown keys and bad values raise QbenchError).
+
+    `kind` starts every message ("recipe NAME: ..."); profiles validate their values here too.
+    """
+    label = f"{kind} {name}"
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise QbenchError(f"recipe {name} must be a YAML mapping of keys ({', '.join(KEYS)}), "
+        raise QbenchError(f"{label} must be a YAML mapping of keys ({', '.join(KEYS)}), "
                           f"not a {type(data).__name__}.")
     for key in data:
         if key not in KEYS and key not in INFO_KEYS:
-            raise QbenchError(f"recipe {name}: unknown key {key!r}; allowed: {', '.join(KEYS)}.")
+            raise QbenchError(f"{label}: unknown key {key!r}; allowed: {', '.join(KEYS)}.")
     d = {k: v for k, v in data.items() if k in KEYS}
     r = {}
-    r["method"] = _choice(name, "method", d.get("method", "minmax"), METHODS)
+    r["method"] = _choice(label, "method", d.get("method", "minmax"), METHODS)
     method = r["method"]
     p = d.get("percentile")
     if p is not None:
         if method != "percentile":
-            raise QbenchError(f"recipe {name}: 'percentile' is only used with 'method: percentile' (method is "
+            raise QbenchError(f"{label}: 'percentile' is only used with 'method: percentile' (method is "
                               f"{method}); remove it or set 'method: percentile'.")
         lo, hi = PERCENTILE_RANGE
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not lo <= p <= hi:
-            raise QbenchError(f"recipe {name}: 'percentile' is {p!r}; allowed: a number from {lo:g} to {hi:g} "
+            raise QbenchError(f"{label}: 'percentile' is {p!r}; allowed: a number from {lo:g} to {hi:g} "
                               f"(e.g. 99.99).")
         p = float(p)
     r["percentile"] = p
     nb = d.get("num_bins")
     if nb is not None:
         if method not in HIST_METHODS:
-            raise QbenchError(f"recipe {name}: 'num_bins' is only used by the histogram methods "
+            raise QbenchError(f"{label}: 'num_bins' is only used by the histogram methods "
                               f"({', '.join(HIST_METHODS)}), not '{method}'; remove it or change 'method'.")
         # ORT's distribution calibrator needs 512+; entropy needs more bins than its 128 quantized bins to search
         lo = {"distribution": 512, "entropy": 2 * ENTROPY_QUANTIZED_BINS}.get(method, NUM_BINS_RANGE[0])
-        nb = _int(name, "num_bins", nb, lo, NUM_BINS_RANGE[1], f" for method {method}")
+        nb = _int(label, "num_bins", nb, lo, NUM_BINS_RANGE[1], f" for method {method}")
     r["num_bins"] = nb
-    r["calib_size"] = _int(name, "calib_size", d.get("calib_size", 128), MIN_CALIB, MAX_CALIB,
+    r["calib_size"] = _int(label, "calib_size", d.get("calib_size", 128), MIN_CALIB, MAX_CALIB,
                            f" (fewer than {MIN_CALIB} images give unstable ranges)")
-    for key in ("per_channel", "activation_symmetric", "weight_symmetric", "reduce_range", "keep_head_float"):
-        r[key] = _bool(name, key, d.get(key, Recipe.__dataclass_fields__[key].default))
-    r["activation_type"] = _choice(name, "activation_type", d.get("activation_type", "uint8"), ACT_TYPES)
-    r["weight_type"] = _choice(name, "weight_type", d.get("weight_type", "int8"), WEIGHT_TYPES)
-    r["format"] = _choice(name, "format", d.get("format", "qdq"), FORMATS)
+    for key in ("per_channel", "activation_symmetric", "weight_symmetric", "reduce_range", "keep_head_float",
+                "pow2_scales"):
+        r[key] = _bool(label, key, d.get(key, Recipe.__dataclass_fields__[key].default))
+    r["activation_type"] = _choice(label, "activation_type", d.get("activation_type", "uint8"), ACT_TYPES)
+    r["weight_type"] = _choice(label, "weight_type", d.get("weight_type", "int8"), WEIGHT_TYPES)
+    r["format"] = _choice(label, "format", d.get("format", "qdq"), FORMATS)
     op = d.get("opset")
-    r["opset"] = None if op is None else _int(name, "opset", op, MIN_OPSET, MAX_OPSET,
+    r["opset"] = None if op is None else _int(label, "opset", op, MIN_OPSET, MAX_OPSET,
                                               ", or null to keep the model's opset")
-    r["exclude"] = _patterns(name, "exclude", d.get("exclude"))
-    r["include"] = _patterns(name, "include", d.get("include"))
+    r["exclude"] = _patterns(label, "exclude", d.get("exclude"))
+    r["include"] = _patterns(label, "include", d.get("include"))
+    r["activation_fusion"] = _choice(label, "activation_fusion", d.get("activation_fusion", "ort"), FUSIONS)
+    _check_pow2(label, r)
     return Recipe(**r, name=name)
 
 
+def available_configs(folder: Path) -> list[str]:
+    """Names of the YAML configs in a folder (configs/recipes/, configs/npu/)."""
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def find_config(path_or_name: str | os.PathLike, folder: Path, kind: str) -> Path:
+    """A YAML file given as a path, or by name from `folder`; QbenchError naming the available ones otherwise."""
+    src = path_or_name
+    p = Path(src)
+    if p.is_file():
+        return p
+    named = folder / f"{src}.yaml"
+    if isinstance(src, str) and "/" not in src and not src.endswith((".yaml", ".yml")) and named.is_file():
+        return named
+    names = ", ".join(available_configs(folder))
+    if p.is_dir():
+        raise QbenchError(f"{kind} '{p}' is a folder; pass a {kind} .yaml file or a {kind} name ({names}).")
+    raise QbenchError(f"{kind} '{src}' is neither a file nor a {kind} name in {folder} ({names}); pass a path to "
+                      f"a {kind} YAML or one of those.")
+
+
 def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    return available_configs(RECIPES_DIR)
 
 
 def load_recipe(path_or_name: str | os.PathLike | Recipe | None = None) -> Recipe:
     """A recipe from a YAML file, or by name from configs/recipes/ ('default' when None)."""
     if isinstance(path_or_name, Recipe):
         return path_or_name
-    src = "default" if path_or_name is None else path_or_name
-    p = Path(src)
-    if not p.is_file():
-        named = RECIPES_DIR / f"{src}.yaml"
-        if isinstance(src, str) and "/" not in src and not src.endswith((".yaml", ".yml")) and named.is_file():
-            p = named
-        elif p.is_dir():
-            raise QbenchError(f"recipe '{p}' is a folder; pass a recipe .yaml file or a recipe name "
-                              f"({', '.join(available_recipes())}).")
-        else:
-            raise QbenchError(f"recipe '{src}' is neither a file nor a recipe name in {RECIPES_DIR} "
-                              f"({', '.join(available_recipes())}); pass a path to a recipe YAML or one of those.")
-    data = read_yaml(p, "recipe")
-    return recipe_from_dict(data, str(p))
+    p = find_config("default" if path_or_name is None else path_or_name, RECIPES_DIR, "recipe")
+    return recipe_from_dict(read_yaml(p, "recipe"), str(p))
+
+
+def short_name(recipe: Recipe) -> str:
+    """'default' for a recipe loaded from .../default.yaml; the name itself otherwise."""
+    return Path(recipe.name).stem if recipe.name.endswith((".yaml", ".yml")) else recipe.name
 
 
 def write_recipe(recipe: Recipe, path: str | os.PathLike, resolved: dict | None = None) -> Path:
