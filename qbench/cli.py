@@ -241,13 +241,21 @@ def run(
     baseline: bool = typer.Option(False, "--baseline", help="Also score ultralytics' own export(format='onnx', quantize=8)."),
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
     fusion: Optional[str] = typer.Option(None, "--fusion", help=FUSION_HELP),
+    profiles: Optional[str] = typer.Option(None, "--profiles", help="Also quantize and score these NPU profiles, "
+                                           "comma-separated (e.g. cpu,npu-symmetric,npu-symmetric-pow2), each "
+                                           "into profiles/PROFILE-FUSION/."),
+    both_fusions: bool = typer.Option(False, "--both-fusions", help="Each of --profiles twice: fused and unfused."),
 ):
     """The main job: export FP32 ONNX, calibrate, quantize to INT8, evaluate both, compare; writes a run folder."""
     from .pipeline import run as run_pipeline
 
+    names = [p.strip() for p in (profiles or "").split(",") if p.strip()]
+    if both_fusions and not names:
+        raise QbenchError("--both-fusions goes with --profiles, e.g. --profiles cpu,npu-symmetric --both-fusions.")
     run_dir = run_pipeline(weights=weights, data=data, out=out, imgsz=imgsz, batch=batch, threads=threads,
                            recipe=recipe, calib=calib_manifest, baseline=baseline, profile=profile,
-                           fusion=fusion, progress=True)
+                           fusion=fusion, profiles=names, fusions=["fused", "unfused"] if both_fusions else None,
+                           progress=True)
     typer.echo((run_dir / "summary.md").read_text())
     typer.echo(f"run folder: {run_dir}")
 
@@ -264,12 +272,14 @@ def inspect(
     images: int = typer.Option(128, help="Calibration images the statistics are collected on."),
     error_images: int = typer.Option(16, help="Val images the quantization error is measured on."),
     threads: Optional[int] = typer.Option(None),
+    variants: bool = typer.Option(True, "--variants/--no-variants", help="Also the run's NPU-profile variants "
+                                  "(profiles/*/int8.onnx), sharing the FP32 statistics pass."),
 ):
     """Per-layer activation statistics, quantization error (SQNR, cosine) and LeakyReLU diagnostics."""
     from .analysis import inspect_run
 
     r = inspect_run(run_dir, fp32=fp32, int8=int8, calib=calib_manifest, data=data, out=out, images=images,
-                    error_images=error_images, threads=threads, progress=True)
+                    error_images=error_images, threads=threads, variants=variants, progress=True)
     s = r["summary"]
     typer.echo(f"{s['quantized_tensors']} quantized tensors, {s['leaky_relus']} LeakyReLU "
                f"({s['unfused_leaky_relus']} requantized after their Conv); output SQNR {s['output_sqnr_db']:.1f} dB, "
@@ -278,6 +288,13 @@ def inspect(
         typer.echo(f"  #{row['rank']} {row['layer']}: {row['sqnr_actual_db']:.1f} dB, harm {row['harm_db']:.1f} dB, "
                    f"remedy: {row['remedy']} (+{row['remedy_gain_db']:.1f} dB)".replace("+inf dB", "no 8-bit remedy "
                                                                                      "reaches 15 dB"))
+    variants = sorted((run_dir or Path(".")).glob("profiles/*/inspect.json")) if variants else []
+    for v in variants:
+        import json
+
+        s = json.loads(v.read_text())["summary"]
+        typer.echo(f"  variant {v.parent.name}: output SQNR {s['output_sqnr_db']:.1f} dB, median per-tensor "
+                   f"SQNR {s['median_isolated_sqnr_db']:.1f} dB ({v.parent})")
     typer.echo(f"wrote {out or run_dir}/layers.csv, leaky.csv, weights.csv, histograms.npz, inspect.json "
                f"({r['seconds']['total']:.1f} s)")
 

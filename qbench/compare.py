@@ -110,13 +110,25 @@ def compare_profiles(fp32: str | Path, data: str | Path, calib: str | os.PathLik
     the constraints changed.
     """
     from .errors import QbenchError
-    from .files import write_json
-    from .quantize import apply_profile, load_profile, load_recipe, quantize_ort
 
     if not profiles:
         raise QbenchError("no profile to compare; pass at least one, e.g. --profile cpu --profile npu-symmetric.")
+    variants = profile_variants(recipe, profiles, fusions)  # everything validated before the first quantization
+    with tempfile.TemporaryDirectory(prefix="qbench-profiles-") as tmp:
+        root = Path(out) if out is not None else Path(tmp)
+        models, info = quantize_variants(fp32, calib, variants, root, progress=progress, keep=out is not None)
+        c = compare(fp32, None, data, settings, progress=progress, extra=models)
+    c["variants"] = info
+    return c
+
+
+def profile_variants(recipe, profiles: Sequence[str | os.PathLike], fusions: Sequence[str] | None = None) -> dict:
+    """{row name 'int8[PROFILE,FUSION]': (folder 'PROFILE-FUSION', Recipe)} for each profile x fusion."""
+    from .errors import QbenchError
+    from .quantize import apply_profile, load_profile, load_recipe
+
     base = load_recipe(recipe)
-    variants = {}  # row -> (folder name, recipe); everything validated before the first quantization
+    variants = {}
     for p in profiles:
         prof = load_profile(p)
         for fusion in fusions or [None]:
@@ -125,20 +137,25 @@ def compare_profiles(fp32: str | Path, data: str | Path, calib: str | os.PathLik
             if row in variants:
                 raise QbenchError(f"{row} is asked for twice; pass each profile once.")
             variants[row] = (f"{prof.name}-{rec.activation_fusion}", rec)
-    with tempfile.TemporaryDirectory(prefix="qbench-profiles-") as tmp:
-        root = Path(out) if out is not None else Path(tmp)
-        models, info = {}, {}
-        for row, (folder, rec) in variants.items():
-            model = root / folder / "int8.onnx"
-            report = quantize_ort(fp32, model, rec, calib, progress=progress)
-            write_json(report, model.with_name("quantize.json"))
-            models[row] = model
-            info[row] = {"recipe": rec.name, "folder": str(model.parent) if out is not None else None,
-                         "settings": rec.to_dict(), "constraints": report["constraints"],
-                         "qlinear_ops": report["qlinear_ops"]}
-        c = compare(fp32, None, data, settings, progress=progress, extra=models)
-    c["variants"] = info
-    return c
+    return variants
+
+
+def quantize_variants(fp32: str | Path, calib, variants: dict, root: Path, progress: bool = False,
+                      keep: bool = True) -> tuple[dict[str, Path], dict]:
+    """Quantize `fp32` once per variant into root/FOLDER/ (int8.onnx, recipe.yaml, quantize.json); returns the
+    models by row name and, per row, the recipe applied and what its constraints changed."""
+    from .files import write_json
+    from .quantize import quantize_ort
+
+    models, info = {}, {}
+    for row, (folder, rec) in variants.items():
+        model = Path(root) / folder / "int8.onnx"
+        report = quantize_ort(fp32, model, rec, calib, progress=progress)
+        write_json(report, model.with_name("quantize.json"))
+        models[row] = model
+        info[row] = {"recipe": rec.name, "folder": folder if keep else None, "settings": rec.to_dict(),
+                     "constraints": report["constraints"], "qlinear_ops": report["qlinear_ops"]}
+    return models, info
 
 
 def compare_md(c: dict) -> str:

@@ -42,7 +42,9 @@ def next_run_dir(root: Path = Path("runs") / "qbench", name: str = "run") -> Pat
 def run(weights: Path | None = None, data: Path | None = None, out: Path | None = None, imgsz: int | None = None,
         batch: int = 16, threads: int | None = None, recipe: str | Path | None = None, calib: Path | None = None,
         baseline: bool = False, profile: str | Path | None = None, fusion: str | None = None,
-        progress: bool = False) -> Path:
+        profiles: list[str] | None = None, fusions: list[str] | None = None, progress: bool = False) -> Path:
+    """`qbench run`. `recipe` (+ `profile`, `fusion`) makes int8.onnx; each of `profiles` (x `fusions`) adds a
+    variant under profiles/PROFILE-FUSION/, scored in the same table."""
     from .calibration import build_manifest, save_manifest
     from .compare import compare
     from .data.dataset import image_files
@@ -50,7 +52,10 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
     from .models.load import load_checkpoint, model_facts
     from .quantize import apply_profile, quantize_ort
 
+    from .compare import profile_variants, quantize_variants
+
     rec = apply_profile(recipe, profile, fusion)  # the recipe itself without profile and fusion; checked first
+    variants = profile_variants(recipe, profiles, fusions) if profiles else {}
     weights = Path(weights) if weights else default_weights()
     if data is None and calib is None:  # the embedded set calibrates on its committed manifest (hash-verified)
         calib = DEFAULT_CALIB
@@ -85,7 +90,10 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
                                   stage / "calibration.json")
         qreport = timed("quantize_s", quantize_ort, onnx_path, stage / "int8.onnx", rec, calib, progress=progress)
         write_json(qreport, stage / "quantize.json")
-        extra = {}
+        extra, variant_info = {}, {}
+        if variants:
+            extra, variant_info = timed("profiles_quantize_s", quantize_variants, onnx_path, calib, variants,
+                                        stage / "profiles", progress=progress)
         if baseline:  # ultralytics' own export(format="onnx", quantize=8), scored the same way
             from .quantize.baseline import ultralytics_int8
 
@@ -93,9 +101,11 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
                                               stage / "ultralytics-int8.onnx", facts["imgsz"])
         cmp = timed("evaluate_and_compare_s", compare, onnx_path, stage / "int8.onnx", data,
                     EvalSettings(batch=batch, threads=threads), progress=progress, extra=extra)
+        if variant_info:
+            cmp["variants"] = variant_info
         evaluations = cmp.pop("evaluations")
-        for k, r in evaluations.items():
-            r["model"]["path"] = f"{k}.onnx"  # relative to the run folder, which gets renamed
+        for k, r in evaluations.items():  # relative to the run folder, which gets renamed
+            r["model"]["path"] = (f"profiles/{variants[k][0]}/int8.onnx" if k in variants else f"{k}.onnx")
         write_json(evaluations, stage / "metrics.json")
         write_json(cmp, stage / "compare.json")
         info = {"qbench_version": __version__, "command": " ".join(["qbench", *sys.argv[1:]]),

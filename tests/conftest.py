@@ -99,10 +99,12 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory, synth_small, default_weights) -> Path:
-    """A finished `qbench run` folder (default model on the tiny synthetic set) with `qbench inspect` results."""
+    """A finished `qbench run` folder (default model on the tiny synthetic set, plus its npu-symmetric variant)
+    with `qbench inspect` results for both."""
     from qbench.analysis import inspect_run
     from qbench.pipeline import run
 
-    out = run(weights=default_weights, data=synth_small, out=tmp_path_factory.mktemp("runs") / "small")
+    out = run(weights=default_weights, data=synth_small, out=tmp_path_factory.mktemp("runs") / "small",
+              profiles=["npu-symmetric"])
     inspect_run(out, images=8, error_images=4)
     return out

@@ -47,6 +47,14 @@ def test_report_renders_in_chromium_with_the_key_numbers(small_run, tmp_path):
     shot = tmp_path / "page.png"
     _chromium(tmp_path, "--window-size=1280,2000", f"--screenshot={shot}", (small_run / "report.html").as_uri())
     assert shot.stat().st_size > 50_000  # a drawn page, not a blank one
+    # the npu-symmetric variant: scored in the same table, inspected into its own folder, compared per profile
+    variant = json.loads((small_run / "profiles" / "npu-symmetric-fused" / "inspect.json").read_text())
+    assert variant["summary"]["unfused_leaky_relus"] == 0  # the profile fuses Conv+LeakyReLU
+    assert variant["summary"]["leaky_relus"] == ins["summary"]["leaky_relus"]
+    row = "int8[npu-symmetric,fused]"
+    assert row in text and f"{cmp['models'][row]['delta']['mAP50-95']:+.4f}" in text
+    assert f"{variant['summary']['output_sqnr_db']:.1f}" in text
+    assert "accuracy and per-layer error per profile" in text
     md = (small_run / "summary.md").read_text()
     assert f"{cmp['models']['int8']['metrics']['mAP50-95']:.4f}" in md and top["layer"] in md
 

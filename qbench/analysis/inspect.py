@@ -113,100 +113,133 @@ def _ahead(forward, images, imgsz: int, input_name: str):
             yield values
 
 
-def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike, calib_images: Sequence[str | os.PathLike],
-                   error_images: Sequence[str | os.PathLike], out: str | os.PathLike, bins: int = DEFAULT_BINS,
-                   threads: int | None = None, progress: bool = False, source: dict | None = None) -> dict:
-    """Run both passes and write the files (see the module doc); returns the inspect.json content."""
+def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, calib_images: Sequence[str | os.PathLike],
+                   error_images: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
+                   bins: int = DEFAULT_BINS, threads: int | None = None, progress: bool = False,
+                   source: dict | None = None) -> dict:
+    """Run both passes and write the files (see the module doc); returns the first INT8 model's inspect.json.
+
+    `int8` is one INT8 QDQ model (files into `out`), or several as {name: (int8 path, out folder)}, e.g. a recipe
+    and its NPU-profile variants: they share the FP32 statistics pass and each gets its own files.
+    """
     from ..quantize.ort_engine import check_detector
 
-    fp32, int8, out = Path(fp32), Path(int8), Path(out)
-    fmodel, qmodel = _load(fp32, "FP32 model"), _load(int8, "INT8 model")
+    fp32 = Path(fp32)
+    models = ({str(k): (Path(v[0]), Path(v[1])) for k, v in int8.items()} if isinstance(int8, dict)
+              else {"int8": (Path(int8), Path(out if out is not None else "."))})
+    fmodel = _load(fp32, "FP32 model")
     info = check_detector(fmodel, fp32)
     imgsz = info["imgsz"]
     if imgsz is None:
         raise QbenchError(f"'{fp32}' has a dynamic input size; export it at a fixed size with `qbench export`.")
-    acts = activation_quantizers(qmodel)
-    if not acts:
-        raise QbenchError(f"'{int8}' has no quantized activations (no QuantizeLinear nodes); pass the INT8 QDQ "
-                          "model that `qbench quantize` wrote.")
     ftensors = {o for n in fmodel.graph.node for o in n.output} | {i.name for i in fmodel.graph.input}
-    missing = [t for t in acts if t not in ftensors]
-    if missing:
-        raise QbenchError(f"'{int8}' was not quantized from '{fp32}': it quantizes tensors the FP32 model does not "
-                          f"have (e.g. {missing[0]}); pass the FP32 model it was made from.")
+    variants = {}
+    for name, (path, folder) in models.items():
+        qmodel = _load(path, "INT8 model")
+        acts = activation_quantizers(qmodel)
+        if not acts:
+            raise QbenchError(f"'{path}' has no quantized activations (no QuantizeLinear nodes); pass the INT8 QDQ "
+                              "model that `qbench quantize` wrote.")
+        missing = [t for t in acts if t not in ftensors]
+        if missing:
+            raise QbenchError(f"'{path}' was not quantized from '{fp32}': it quantizes tensors the FP32 model does "
+                              f"not have (e.g. {missing[0]}); pass the FP32 model it was made from.")
+        variants[name] = {"path": path, "out": folder, "qmodel": qmodel, "acts": acts,
+                          "leaks": leaky_relus(fmodel, acts)}
     if not calib_images:
         raise QbenchError("no calibration images to collect statistics on; pass a manifest from `qbench calib`.")
-    leaks = leaky_relus(fmodel, acts)
     order = tensor_order(fmodel)
-    watched = sorted(set(acts) | {lk.pre for lk in leaks} | {lk.post for lk in leaks}, key=order.__getitem__)
+    watched = set()
+    for v in variants.values():
+        watched |= set(v["acts"]) | {lk.pre for lk in v["leaks"]} | {lk.post for lk in v["leaks"]}
+    watched = sorted(watched, key=order.__getitem__)
     t_start = time.perf_counter()
 
-    # ---- pass 1: statistics over the calibration images
-    stats = {t: TensorStats(bins, acts[t].qparams if t in acts else None) for t in watched}
+    # ---- pass 1: statistics over the calibration images (FP32 activations: shared by every variant)
+    stats = {t: TensorStats(bins, ranges={k: v["acts"][t].qparams for k, v in variants.items() if t in v["acts"]})
+             for t in watched}
     tap = TensorTap(fmodel, watched, threads)
     with bar(len(calib_images), "Activation statistics", progress) as advance:
         for values in _ahead(lambda x: tap.run(x), calib_images, imgsz, info["input_name"]):
-            for t, v in values.items():
-                stats[t].update(v)
+            for t, val in values.items():
+                stats[t].update(val)
             advance(1)
     t_stats = time.perf_counter() - t_start
 
-    # ---- pass 2: errors on held-out images
-    isolated = {t: ErrorStats() for t in acts}
-    cumulative = {t: ErrorStats() for t in watched}
+    # ---- pass 2: errors on held-out images, every variant against the same FP32 activations
     out_name = fmodel.graph.output[0].name
-    output_err = ErrorStats()
-    leaky_err = {}
-    for lk in leaks:
-        if lk.post not in acts:
-            continue  # an unquantized LeakyReLU (kept float by the recipe)
-        s_post, s_pre = stats[lk.post], stats[lk.pre]
-        leaky_err[lk.node] = LeakyError(lk.alpha, acts[lk.post].qparams, acts[lk.pre].qparams if lk.unfused else None,
-                                        s_post.min, s_post.max, s_pre.min, s_pre.max,
-                                        s_post.percentile(0.01), s_post.percentile(99.99))
-    qnames = {t: (acts[t].dequantized if t in acts else t) for t in watched}
-    qnames[out_name] = out_name
-    qtap = TensorTap(qmodel, list(qnames.values()), threads, optimize=False)
+    for v in variants.values():
+        acts = v["acts"]
+        v["isolated"] = {t: ErrorStats() for t in acts}
+        v["watched"] = [t for t in watched if t in acts or any(t in (lk.pre, lk.post) for lk in v["leaks"])]
+        v["cumulative"] = {t: ErrorStats() for t in v["watched"]}
+        v["output"] = ErrorStats()
+        v["leaky_err"] = {}
+        for lk in v["leaks"]:
+            if lk.post not in acts:
+                continue  # an unquantized LeakyReLU (kept float by the recipe)
+            s_post, s_pre = stats[lk.post], stats[lk.pre]
+            v["leaky_err"][lk.node] = lk.pre, LeakyError(
+                lk.alpha, acts[lk.post].qparams, acts[lk.pre].qparams if lk.unfused else None, s_post.min,
+                s_post.max, s_pre.min, s_pre.max, s_post.percentile(0.01), s_post.percentile(99.99))
+        v["qnames"] = {t: (acts[t].dequantized if t in acts else t) for t in v["watched"]}
+        v["qtap"] = TensorTap(v["qmodel"], [*v["qnames"].values(), out_name], threads, optimize=False)
     ftap = TensorTap(fmodel, watched + [out_name], threads)
+
+    def forward(x):
+        return ftap.run(x), {k: v["qtap"].run(x) for k, v in variants.items()}
+
     t1 = time.perf_counter()
     with bar(len(error_images), "Quantization error", progress) as advance:
-        for fv, qv in _ahead(lambda x: (ftap.run(x), qtap.run(x)), error_images, imgsz, info["input_name"]):
-            for t in watched:
-                ref = fv[t]
-                if t in acts:
-                    isolated[t].update(ref, fake_quant(ref, acts[t].qparams))
-                cumulative[t].update(ref, qv[qnames[t]])
-            output_err.update(fv[out_name], qv[out_name])
-            for lk in leaks:
-                if lk.node in leaky_err:
-                    leaky_err[lk.node].update(fv[lk.pre])
+        for fv, qvs in _ahead(forward, error_images, imgsz, info["input_name"]):
+            for k, v in variants.items():
+                qv, acts = qvs[k], v["acts"]
+                for t in v["watched"]:
+                    ref = fv[t]
+                    if t in acts:
+                        v["isolated"][t].update(ref, fake_quant(ref, acts[t].qparams))
+                    v["cumulative"][t].update(ref, qv[v["qnames"][t]])
+                v["output"].update(fv[out_name], qv[out_name])
+                for pre, err in v["leaky_err"].values():
+                    err.update(fv[pre])
             advance(1)
     t_err = time.perf_counter() - t1
+    seconds = {"statistics": round(t_stats, 2), "error": round(t_err, 2),
+               "total": round(time.perf_counter() - t_start, 2)}
+    results = {k: _write_variant(k, v, fmodel, fp32, stats, order, imgsz, calib_images, error_images, bins, seconds,
+                                 source) for k, v in variants.items()}
+    return next(iter(results.values()))
 
-    # ---- tables
+
+def _write_variant(name, v, fmodel, fp32, stats, order, imgsz, calib_images, error_images, bins, seconds,
+                   source) -> dict:
+    """The tables and files of one INT8 variant."""
+    acts, out = v["acts"], v["out"]
     rows = []
-    for t in watched:
-        s = stats[t].summary()
+    for t in v["watched"]:
         a = acts.get(t)
-        role = "quantized" if a else "pre-activation (not quantized)"
+        s = stats[t].summary(name if a else None)
         q = a.qparams if a else None
         rows.append({
             "depth": order[t], "tensor": t, "layer": layer_name(t),
             "producer": a.producer if a else next((n.op_type for n in fmodel.graph.node if t in n.output), "?"),
-            "role": role, "dtype": q.dtype if q else "", "scale": q.scale if q else "",
-            "zero_point": q.zero_point if q else "", "q_lo": q.lo if q else "", "q_hi": q.hi if q else "",
+            "role": "quantized" if a else "pre-activation (not quantized)", "dtype": q.dtype if q else "",
+            "scale": q.scale if q else "", "zero_point": q.zero_point if q else "", "q_lo": q.lo if q else "",
+            "q_hi": q.hi if q else "",
             **{k: s.get(k, "") for k in ("min", "max", "mean", "std", *[f"p{p:g}" for p in PERCENTILES],
-                                         "negative_fraction", "neg_to_pos_ratio", "clip_fraction", "channels",
+                                         "negative_fraction", "neg_to_pos_ratio", "channels",
                                          "channel_range_spread")},
-            "sqnr_isolated_db": isolated[t].sqnr_db if a else "", "cos_isolated": isolated[t].cosine if a else "",
-            "sqnr_cumulative_db": cumulative[t].sqnr_db, "cos_cumulative": cumulative[t].cosine,
+            "clip_fraction": s.get("clip_fraction", "") if a else "",
+            "sqnr_isolated_db": v["isolated"][t].sqnr_db if a else "",
+            "cos_isolated": v["isolated"][t].cosine if a else "",
+            "sqnr_cumulative_db": v["cumulative"][t].sqnr_db, "cos_cumulative": v["cumulative"][t].cosine,
         })
     leaky_rows = []
-    for lk in leaks:
-        if lk.node not in leaky_err:
+    for lk in v["leaks"]:
+        if lk.node not in v["leaky_err"]:
             continue
         s = stats[lk.post]
-        res = leaky_err[lk.node].result()
+        res = v["leaky_err"][lk.node][1].result()
         asym = code_budget(s.min, s.max, QParams.from_range(s.min, s.max, "uint8"))
         sym = code_budget(s.min, s.max, QParams.from_range(s.min, s.max, "int8", symmetric=True))
         actual = code_budget(s.min, s.max, acts[lk.post].qparams)
@@ -227,17 +260,18 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike, calib_image
     for k, r in enumerate(leaky_rows, 1):
         r["rank"] = k
 
-    finit = {t.name: t for t in fmodel.graph.initializer}
-    weight_rows = []
     from onnx import numpy_helper
 
-    for node, wq in weight_quantizers(qmodel).items():
+    finit = {t.name: t for t in fmodel.graph.initializer}
+    producers = {n.name: n.output[0] for n in v["qmodel"].graph.node if n.output}
+    weight_rows = []
+    for node, wq in weight_quantizers(v["qmodel"]).items():
         if wq.name not in finit:
             continue
         w = numpy_helper.to_array(finit[wq.name]).astype(np.float32)
         e = ErrorStats()
         e.update(w, wq.dequantized())
-        out_t = next((n.output[0] for n in qmodel.graph.node if n.name == node), node)
+        out_t = producers.get(node, node)
         weight_rows.append({"depth": order.get(out_t, -1), "node": node, "layer": layer_name(out_t),
                             "op_type": wq.op_type, "channels": int(w.shape[0]), "per_channel": wq.scale.size > 1,
                             "sqnr_db": e.sqnr_db, "cosine": e.cosine})
@@ -250,16 +284,15 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike, calib_image
     quantized_rows = [r for r in rows if r["role"] == "quantized"]
     worst = sorted(quantized_rows, key=lambda r: r["sqnr_isolated_db"])[:10]
     result = {
-        "qbench_version": __version__, "fp32": str(fp32), "int8": str(int8), "imgsz": imgsz,
+        "qbench_version": __version__, "fp32": str(fp32), "int8": str(v["path"]), "variant": name, "imgsz": imgsz,
         "source": source or {},
         "images": {"statistics": len(calib_images), "error": len(error_images)},
         "bins": bins,
-        "seconds": {"statistics": round(t_stats, 2), "error": round(t_err, 2),
-                    "total": round(time.perf_counter() - t_start, 2)},
+        "seconds": seconds,
         "summary": {
             "tensors": len(rows), "quantized_tensors": len(quantized_rows), "leaky_relus": len(leaky_rows),
             "unfused_leaky_relus": sum(r["unfused"] for r in leaky_rows),
-            "output_sqnr_db": output_err.sqnr_db, "output_cosine": output_err.cosine,
+            "output_sqnr_db": v["output"].sqnr_db, "output_cosine": v["output"].cosine,
             "median_isolated_sqnr_db": float(np.median([r["sqnr_isolated_db"] for r in quantized_rows])),
             "min_cumulative_sqnr_db": min(r["sqnr_cumulative_db"] for r in quantized_rows),
             "worst_isolated": [{"tensor": r["tensor"], "sqnr_isolated_db": r["sqnr_isolated_db"]} for r in worst],
@@ -269,7 +302,7 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike, calib_image
         "weights": weight_rows,
         "histograms": "histograms.npz",
     }
-    _write_histograms({t: stats[t] for t in watched}, out / "histograms.npz")
+    _write_histograms({t: stats[t] for t in v["watched"]}, out / "histograms.npz")
     write_json(_jsonable(result), out / "inspect.json")
     return result
 
@@ -318,9 +351,10 @@ def inspect_run(run_dir: str | os.PathLike | None = None, *, fp32: str | os.Path
                 int8: str | os.PathLike | None = None, calib: str | os.PathLike | None = None,
                 data: str | os.PathLike | None = None, out: str | os.PathLike | None = None, images: int = 128,
                 error_images: int = 16, bins: int = DEFAULT_BINS, threads: int | None = None,
-                progress: bool = False) -> dict:
+                variants: bool = True, progress: bool = False) -> dict:
     """`qbench inspect`: the models, calibration manifest and data of a `qbench run` folder (each overridable),
-    statistics on the first `images` calibration images, error on the first `error_images` val images."""
+    statistics on the first `images` calibration images, error on the first `error_images` val images. With
+    `variants`, the run's NPU-profile variants (profiles/*/int8.onnx) too, each into its own folder."""
     import json
 
     from ..calibration import load_manifest
@@ -351,5 +385,9 @@ def inspect_run(run_dir: str | os.PathLike | None = None, *, fp32: str | os.Path
     source = {"run": str(run) if run else None, "calibration": str(calib), "data": str(data),
               "statistics_images": f"first {min(images, len(calib_paths))} of the calibration manifest",
               "error_images": f"first {len(val)} images of the val split"}
-    return inspect_models(fp32, int8, calib_paths[:images], val, out, bins=bins, threads=threads,
-                          progress=progress, source=source)
+    models = {"int8": (int8, out)}
+    if run is not None and variants:  # NPU-profile variants `qbench run --profiles` wrote
+        for q in sorted(run.glob("profiles/*/int8.onnx")):
+            models[q.parent.name] = (q, out / "profiles" / q.parent.name)
+    return inspect_models(fp32, models, calib_paths[:images], val, bins=bins, threads=threads, progress=progress,
+                          source=source)

@@ -122,19 +122,22 @@ class ErrorStats:
 class TensorStats:
     """Streaming statistics of one tensor (see the module doc)."""
 
-    def __init__(self, bins: int = DEFAULT_BINS, qparams: QParams | None = None):
+    def __init__(self, bins: int = DEFAULT_BINS, qparams: QParams | None = None,
+                 ranges: dict[str, QParams] | None = None):
+        """`qparams`: the quantizer the histogram starts on; `ranges`: quantizers (e.g. one per INT8 variant) whose
+        clipping is counted, by name (`qparams` alone counts as "")."""
         if bins < 2 or bins % 2:
             raise ValueError("bins must be an even number >= 2")
         self.bins = bins
-        self.qparams = qparams
+        self.ranges = dict(ranges) if ranges else ({"": qparams} if qparams is not None else {})
+        self.qparams = qparams if qparams is not None else next(iter(self.ranges.values()), None)
+        self.clipped = {k: [0, 0] for k in self.ranges}  # name -> [below, above]
         self.count = 0
         self.min = math.inf
         self.max = -math.inf
         self.sum = 0.0
         self.sumsq = 0.0
         self.negative = 0
-        self.clipped_low = 0
-        self.clipped_high = 0
         self.hist: np.ndarray | None = None
         self.lo = 0.0  # histogram range [lo, lo + bins * width)
         self.width = 0.0
@@ -196,14 +199,13 @@ class TensorStats:
         self.sumsq += float(np.dot(flat, flat))
         if mn < 0:
             self.negative += flat.size if mx < 0 else int(np.count_nonzero(flat < 0))
-        q = self.qparams
-        if q is not None:
+        for name, q in self.ranges.items():
             # a value is clipped when it rounds outside the integer range: beyond half a step past either end
             half = 0.5 * q.scale
             if mn < q.lo - half:
-                self.clipped_low += int(np.count_nonzero(flat < np.float32(q.lo - half)))
+                self.clipped[name][0] += int(np.count_nonzero(flat < np.float32(q.lo - half)))
             if mx > q.hi + half:
-                self.clipped_high += int(np.count_nonzero(flat > np.float32(q.hi + half)))
+                self.clipped[name][1] += int(np.count_nonzero(flat > np.float32(q.hi + half)))
         idx = flat - np.float32(self.lo)
         idx *= np.float32(1.0 / self.width)
         counts = np.bincount(idx.astype(np.int32), minlength=self.bins)
@@ -250,15 +252,17 @@ class TensorStats:
                 "channel_range_max": float(r.max()),
                 "channel_range_spread": float(r.max() / med) if med > 0 else math.inf}
 
-    def summary(self) -> dict:
+    def summary(self, range_name: str | None = None) -> dict:
+        """Statistics as a flat dict; clipping against `range_name` (default: the first range)."""
         d = {"count": self.count, "min": self.min, "max": self.max, "mean": self.mean, "std": self.std}
         for p in PERCENTILES:
             d[f"p{p:g}"] = self.percentile(p)
         d["negative_fraction"] = self.negative / self.count if self.count else 0.0
         d["neg_to_pos_ratio"] = abs(self.min) / self.max if self.max > 0 and self.min < 0 else 0.0
-        if self.qparams is not None:
-            clipped = self.clipped_low + self.clipped_high
-            d["clip_fraction"] = clipped / self.count if self.count else 0.0
-            d["clip_low"], d["clip_high"] = self.clipped_low, self.clipped_high
+        name = range_name if range_name is not None else next(iter(self.ranges), None)
+        if name in self.clipped:
+            low, high = self.clipped[name]
+            d["clip_fraction"] = (low + high) / self.count if self.count else 0.0
+            d["clip_low"], d["clip_high"] = low, high
         d.update(self.channel_spread())
         return d

@@ -44,17 +44,22 @@ def sqnr_along_depth(runs: dict[str, dict]) -> bytes | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(11, 4.2))
-    for (name, ins), color in zip(runs.items(), COLORS):
+    few = len(runs) <= 2  # with more series, only the cumulative curves (one per run or variant)
+    palette = COLORS if len(runs) <= len(COLORS) else [_plt().cm.tab10(i % 10) for i in range(len(runs))]
+    for (name, ins), color in zip(runs.items(), palette):
         rows = [r for r in ins["layers"] if r["role"] == "quantized" and r["producer"] != "input"]
-        x = np.arange(len(rows))
+        x = np.array([r["depth"] for r in rows])  # the producer's position in the FP32 graph: aligns variants
         cum = np.array([min(_num(r["sqnr_cumulative_db"]), 80.0) for r in rows])
         iso = np.array([min(_num(r["sqnr_isolated_db"]), 80.0) for r in rows])
-        ax.plot(x, cum, "-", color=color, lw=1.6, label=f"{name}: cumulative (INT8 graph up to here)")
-        ax.plot(x, iso, "--", color=color, lw=1.0, alpha=0.8, label=f"{name}: isolated (this tensor alone)")
+        ax.plot(x, cum, "-", color=color, lw=1.6 if few else 1.2, label=f"{name}: cumulative" +
+                (" (INT8 graph up to here)" if few else ""))
+        if few:
+            ax.plot(x, iso, "--", color=color, lw=1.0, alpha=0.8, label=f"{name}: isolated (this tensor alone)")
         leaky = [i for i, r in enumerate(rows) if r["producer"] == "LeakyRelu"]
         if leaky:
             ax.plot(x[leaky], cum[leaky], "o", ms=3, color=color)
-    ax.set_xlabel("quantized tensor, in network order (input → head); dots: LeakyReLU outputs")
+    ax.set_xlabel("depth: position of the tensor's producer in the FP32 graph (input → head); dots: LeakyReLU "
+                  "outputs")
     ax.set_ylabel("SQNR (dB), higher is better")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")

@@ -63,7 +63,8 @@ def load_run(run_dir: str | os.PathLike) -> dict:
         ins = _read_json(ins_path)
         if ins is None:
             continue
-        key = "int8" if ins_path.parent == d else f"int8[{ins_path.parent.name}]"
+        folders = {v.get("folder"): row for row, v in run["compare"].get("variants", {}).items()}
+        key = "int8" if ins_path.parent == d else folders.get(ins_path.parent.name, f"int8[{ins_path.parent.name}]")
         run["inspect"][key] = ins
         if (ins_path.parent / "histograms.npz").is_file():
             run["hists"][key] = read_histograms(ins_path.parent / "histograms.npz")
@@ -145,6 +146,29 @@ def _leaky_table(ins: dict, k: int = 15) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _variant_table(run: dict) -> tuple[list[str], list[list[str]]] | None:
+    """One row per INT8 variant that was inspected: its accuracy change next to its per-layer error."""
+    models = run["compare"]["models"]
+    variants = run["compare"].get("variants", {})
+    rows = []
+    for key, ins in run["inspect"].items():
+        if key not in models:
+            continue
+        m, s = models[key], ins["summary"]
+        st = variants.get(key, {}).get("settings", {})
+        acts = (f"{st['activation_type']} {'sym' if st['activation_symmetric'] else 'asym'}"
+                f"{', pow2' if st.get('pow2_scales') else ''}") if st else "recipe"
+        top = ins["leaky"][0] if ins.get("leaky") else None
+        rows.append([key, acts, _fmt(m["delta"]["mAP50"], signed=True), _fmt(m["delta"]["mAP50-95"], signed=True),
+                     _fmt(s["output_sqnr_db"], 1), _fmt(s["median_isolated_sqnr_db"], 1),
+                     _fmt(s["min_cumulative_sqnr_db"], 1), f"{s['unfused_leaky_relus']}/{s['leaky_relus']}",
+                     f"{top['layer']} ({top['harm_db']:.1f} dB)" if top else "—"])
+    if len(rows) < 2:
+        return None
+    return (["model", "activations", "Δ mAP50", "Δ mAP50-95", "output SQNR dB", "median isolated dB",
+             "lowest cumulative dB", "LeakyReLU unfused", "most harmed LeakyReLU"], rows)
+
+
 def _md(head, rows) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -215,6 +239,14 @@ def build(runs: list[dict]) -> tuple[str, str]:
         body.append(_html_table(ch, cr))
         bars += [(r["name"], k, v["delta"]["mAP50-95"]) for k, v in c["models"].items() if k != "fp32"]
     body.append(_img(plots.delta_bars(bars), "mAP50-95 change against FP32 per model variant"))
+    for r in runs:
+        vt = _variant_table(r)
+        if vt:
+            title = f"{r['name']}: accuracy and per-layer error per profile"
+            note = ("Each INT8 variant of the run (recipe, NPU profiles, fused or unfused Conv+activation), scored "
+                    "on the same images; SQNR from `qbench inspect`.")
+            md += [f"### {title}", "", note, "", _md(*vt)]
+            body += [f"<h3>{html.escape(title)}</h3><p class='muted'>{html.escape(note)}</p>", _html_table(*vt)]
 
     # ---- per-layer error
     md += ["## Per-layer quantization error", ""]
@@ -233,9 +265,13 @@ def build(runs: list[dict]) -> tuple[str, str]:
                     f"val images for error ({src.get('data', '')}).")
             md += [f"### {label}", "", note, "", f"Reproduce: `{_inspect_hint(r)}`", "", _md(head, rows),
                    "Worst tensors (isolated SQNR):", "", _md(*_worst_table(ins))]
-            body += [f"<h3>{html.escape(label)}</h3><p class='muted'>{html.escape(note)} Reproduce: "
-                     f"<code>{html.escape(_inspect_hint(r))}</code></p>", _html_table(head, rows),
-                     "<p>Worst tensors (isolated SQNR):</p>", _html_table(*_worst_table(ins))]
+            section = [f"<p class='muted'>{html.escape(note)} Reproduce: <code>{html.escape(_inspect_hint(r))}"
+                       "</code></p>", _html_table(head, rows), "<p>Worst tensors (isolated SQNR):</p>",
+                       _html_table(*_worst_table(ins))]
+            if key == "int8":
+                body += [f"<h3>{html.escape(label)}</h3>", *section]
+            else:  # profile variants: folded, the variant table above already compares them
+                body += [f"<details><summary><b>{html.escape(label)}</b></summary>", *section, "</details>"]
         if not r["inspect"]:
             md += [f"No per-layer analysis for {r['name']}: run `{_inspect_hint(r)}`.", ""]
             body.append(f"<p>No per-layer analysis for {html.escape(r['name'])}: run "
@@ -259,11 +295,16 @@ def build(runs: list[dict]) -> tuple[str, str]:
                 "fused and asymmetric; gain: the SQNR the named remedy measured on the same images.")
         md += [expl, ""]
         body.append(f"<p class='muted'>{html.escape(expl)}</p>")
+        main = {label: ins for label, ins in leaky_runs.items() if "[" not in label}
         for label, ins in leaky_runs.items():
             head, rows = _leaky_table(ins)
             md += [f"### {label}", "", _md(head, rows)]
-            body += [f"<h3>{html.escape(label)}</h3>", _html_table(head, rows)]
-        body.append(_img(plots.leaky_harm(leaky_runs), "LeakyReLU harm ranking"))
+            if label in main:
+                body += [f"<h3>{html.escape(label)}</h3>", _html_table(head, rows)]
+            else:
+                body += [f"<details><summary><b>{html.escape(label)}</b></summary>", _html_table(head, rows),
+                         "</details>"]
+        body.append(_img(plots.leaky_harm(main or leaky_runs), "LeakyReLU harm ranking"))
 
     commands = [r["info"].get("command", "") for r in runs] + [_inspect_hint(r) for r in runs if r["inspect"]]
     md += ["## Reproduce", ""] + [f"- `{c}`" for c in commands if c] + \
