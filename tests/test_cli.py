@@ -129,3 +129,13 @@ def test_inspect_bad_input(tmp_path):
     _assert_user_error(r, "not a qbench run folder", str(tmp_path))
     r = run_cli("inspect", "--fp32", str(tmp_path / "a.onnx"))
     _assert_user_error(r, "needs --int8")
+
+
+def test_run_profiles_bad_input(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("run", "--out", str(out), "--profiles", "cpu,tpu")
+    _assert_user_error(r, "tpu")
+    assert not out.exists()
+    r = run_cli("run", "--out", str(out), "--both-fusions")
+    _assert_user_error(r, "--both-fusions goes with --profiles")
+    assert not out.exists()
