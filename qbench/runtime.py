@@ -34,6 +34,9 @@ def ort_session(path: str | Path, threads: int | None = None, optimize: bool = T
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
+    # Idle worker threads must not spin: qbench keeps several sessions open (FP32, INT8, variants) and runs them in
+    # turn, and a spinning pool of one session steals the cores of the next (on 2 cores that doubled latencies).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
