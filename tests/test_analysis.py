@@ -261,3 +261,19 @@ def test_bad_inputs_are_refused(tiny, tmp_path):
     with pytest.raises(QbenchError, match="was not quantized from"):
         inspect_models(tmp_path / "other.onnx", tiny["int8"], tiny["imgs"], tiny["imgs"], tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_large_tensors_enter_the_histogram_through_a_stride():
+    """Past HIST_SAMPLES elements a tensor's histogram is a fixed 1-in-k subsample: percentiles stay close, every
+    other statistic still sees every element."""
+    from qbench.analysis import stats as st
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.5, 2.0, (1, 8, 256, 256)).astype(np.float32)  # 524288 elements: stride 2
+    s = TensorStats(bins=2048)
+    s.update(x)
+    assert s.hist_stride == -(-x.size // st.HIST_SAMPLES) == 2
+    assert s.hist.sum() == x[0].reshape(-1)[::2].size and s.count == x.size
+    assert s.negative == np.count_nonzero(x < 0) and s.min == x.min() and s.max == x.max()
+    for p in (1.0, 50.0, 99.0):
+        assert abs(s.percentile(p) - np.percentile(x, p)) < 0.02

@@ -47,7 +47,7 @@ LAYER_COLUMNS = (
     ["depth", "tensor", "layer", "producer", "role", "dtype", "scale", "zero_point", "q_lo", "q_hi",
      "min", "max", "mean", "std"] + [f"p{p:g}" for p in PERCENTILES] +
     ["negative_fraction", "neg_to_pos_ratio", "clip_fraction", "channels", "channel_range_spread",
-     "sqnr_isolated_db", "cos_isolated", "sqnr_cumulative_db", "cos_cumulative"])
+     "sqnr_isolated_db", "cos_isolated", "sqnr_cumulative_db", "cos_cumulative", "hist_stride"])
 LEAKY_COLUMNS = ("rank", "layer", "node", "alpha", "unfused", "out_min", "out_max", "neg_to_pos_ratio",
                  "scheme", "neg_codes", "pos_codes", "neg_codes_used", "pos_codes_used", "bits_lost_vs_relu",
                  "asym_neg_codes", "asym_pos_codes", "asym_bits_lost", "sym_neg_codes", "sym_pos_codes",
@@ -228,7 +228,7 @@ def _write_variant(name, v, fmodel, fp32, stats, order, imgsz, calib_images, err
             "q_hi": q.hi if q else "",
             **{k: s.get(k, "") for k in ("min", "max", "mean", "std", *[f"p{p:g}" for p in PERCENTILES],
                                          "negative_fraction", "neg_to_pos_ratio", "channels",
-                                         "channel_range_spread")},
+                                         "channel_range_spread", "hist_stride")},
             "clip_fraction": s.get("clip_fraction", "") if a else "",
             "sqnr_isolated_db": v["isolated"][t].sqnr_db if a else "",
             "cos_isolated": v["isolated"][t].cosine if a else "",

@@ -8,7 +8,10 @@ a given range (the tensor's quantization range, when there is one) and, when
 data falls outside it, doubles its bin width while keeping the bin count (pairs
 of bins merge, the edges stay aligned), so counts are always exact and memory
 never grows with the number of images. Percentiles are read off the histogram,
-linearly interpolated inside a bin: exact to within one bin width.
+linearly interpolated inside a bin: exact to within one bin width. To keep the
+cost per image bounded, a tensor larger than HIST_SAMPLES elements enters the
+histogram through a fixed 1-in-k stride (its percentiles are then estimates);
+min, max, moments, the negative count and clipping always see every element.
 
 `QParams` is a per-tensor affine quantizer (scale, zero point, integer range);
 `fake_quant` applies it exactly as ONNX Runtime's QuantizeLinear ->
@@ -26,6 +29,10 @@ import numpy as np
 PERCENTILES = (0.01, 0.1, 1.0, 50.0, 99.0, 99.9, 99.99)
 DEFAULT_BINS = 2048
 INT_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+CHUNK = 1 << 18  # elements per histogram step: stays in cache
+HIST_SAMPLES = 1 << 18  # elements of one tensor of one image that the histogram takes at most (1-in-k stride)
+_SCRATCH_F = np.empty(CHUNK, np.float32)
+_SCRATCH_I = np.empty(CHUNK, np.intp)
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,7 @@ class TensorStats:
         self.ch_min: np.ndarray | None = None
         self.ch_max: np.ndarray | None = None
         self.shape: tuple[int, ...] | None = None
+        self.hist_stride = 1  # > 1: the histogram (and so the percentiles) came from a 1-in-k subsample
 
     # ------------------------------------------------------------------ accumulation
     def _init_hist(self, mn: float, mx: float) -> None:
@@ -197,8 +205,8 @@ class TensorStats:
         self.min, self.max = min(self.min, mn), max(self.max, mx)
         self.sum += float(np.add.reduce(flat, dtype=np.float32))
         self.sumsq += float(np.dot(flat, flat))
-        if mn < 0:
-            self.negative += flat.size if mx < 0 else int(np.count_nonzero(flat < 0))
+        if mn < 0 and mx < 0:
+            self.negative += flat.size
         for name, q in self.ranges.items():
             # a value is clipped when it rounds outside the integer range: beyond half a step past either end
             half = 0.5 * q.scale
@@ -206,13 +214,25 @@ class TensorStats:
                 self.clipped[name][0] += int(np.count_nonzero(flat < np.float32(q.lo - half)))
             if mx > q.hi + half:
                 self.clipped[name][1] += int(np.count_nonzero(flat > np.float32(q.hi + half)))
-        idx = flat - np.float32(self.lo)
-        idx *= np.float32(1.0 / self.width)
-        counts = np.bincount(idx.astype(np.int32), minlength=self.bins)
-        if counts.size > self.bins:  # float32 rounding at the top edge
-            counts[self.bins - 1] += counts[self.bins:].sum()
-            counts = counts[: self.bins]
-        self.hist += counts
+        if mn < 0 <= mx:
+            self.negative += int(np.count_nonzero(flat < 0))
+        # the histogram takes every element of a tensor of up to HIST_SAMPLES, else a fixed 1-in-k stride
+        stride = -(-flat.size // HIST_SAMPLES)
+        sample = flat[::stride] if stride > 1 else flat
+        self.hist_stride = max(self.hist_stride, stride)
+        lo, inv = np.float32(self.lo), np.float32(1.0 / self.width)
+        counts = np.zeros(self.bins + 1, np.int64)
+        for start in range(0, sample.size, CHUNK):  # cache-sized pieces, into scratch buffers: no big temporaries
+            part = sample[start:start + CHUNK]
+            n = part.size
+            f, i = _SCRATCH_F[:n], _SCRATCH_I[:n]
+            np.subtract(part, lo, out=f)
+            np.multiply(f, inv, out=f)
+            np.copyto(i, f, casting="unsafe")  # truncation: f >= 0 once the range covers the data
+            np.minimum(i, self.bins, out=i)  # float32 rounding at the top edge lands in the overflow slot
+            counts += np.bincount(i, minlength=self.bins + 1)
+        counts[self.bins - 1] += counts[self.bins]
+        self.hist += counts[: self.bins]
 
     # ------------------------------------------------------------------ results
     @property
@@ -232,8 +252,8 @@ class TensorStats:
         """The p-th percentile (0..100), interpolated linearly inside its bin and clamped to [min, max]."""
         if not self.count:
             return math.nan
-        target = p / 100.0 * self.count
         cum = np.cumsum(self.hist)
+        target = p / 100.0 * cum[-1]
         k = int(np.searchsorted(cum, target, side="left"))
         k = min(k, self.bins - 1)
         below = cum[k - 1] if k > 0 else 0
@@ -257,6 +277,7 @@ class TensorStats:
         d = {"count": self.count, "min": self.min, "max": self.max, "mean": self.mean, "std": self.std}
         for p in PERCENTILES:
             d[f"p{p:g}"] = self.percentile(p)
+        d["hist_stride"] = self.hist_stride
         d["negative_fraction"] = self.negative / self.count if self.count else 0.0
         d["neg_to_pos_ratio"] = abs(self.min) / self.max if self.max > 0 and self.min < 0 else 0.0
         name = range_name if range_name is not None else next(iter(self.ranges), None)
