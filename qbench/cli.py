@@ -288,13 +288,10 @@ def inspect(
         typer.echo(f"  #{row['rank']} {row['layer']}: {row['sqnr_actual_db']:.1f} dB, harm {row['harm_db']:.1f} dB, "
                    f"remedy: {row['remedy']} (+{row['remedy_gain_db']:.1f} dB)".replace("+inf dB", "no 8-bit remedy "
                                                                                      "reaches 15 dB"))
-    variants = sorted((run_dir or Path(".")).glob("profiles/*/inspect.json")) if variants else []
-    for v in variants:
-        import json
-
-        s = json.loads(v.read_text())["summary"]
-        typer.echo(f"  variant {v.parent.name}: output SQNR {s['output_sqnr_db']:.1f} dB, median per-tensor "
-                   f"SQNR {s['median_isolated_sqnr_db']:.1f} dB ({v.parent})")
+    for name, v in r["other_variants"].items():
+        s = v["summary"]
+        typer.echo(f"  variant {name}: output SQNR {s['output_sqnr_db']:.1f} dB, median per-tensor "
+                   f"SQNR {s['median_isolated_sqnr_db']:.1f} dB ({v['out']})")
     typer.echo(f"wrote {out or run_dir}/layers.csv, leaky.csv, weights.csv, histograms.npz, inspect.json "
                f"({r['seconds']['total']:.1f} s)")
 

@@ -117,7 +117,8 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
                    error_images: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
                    bins: int = DEFAULT_BINS, threads: int | None = None, progress: bool = False,
                    source: dict | None = None) -> dict:
-    """Run both passes and write the files (see the module doc); returns the first INT8 model's inspect.json.
+    """Run both passes and write the files (see the module doc); returns the first INT8 model's inspect.json, plus
+    'other_variants' ({name: {out, summary}}) for the others.
 
     `int8` is one INT8 QDQ model (files into `out`), or several as {name: (int8 path, out folder)}, e.g. a recipe
     and its NPU-profile variants: they share the FP32 statistics pass and each gets its own files.
@@ -208,7 +209,10 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
                "total": round(time.perf_counter() - t_start, 2)}
     results = {k: _write_variant(k, v, fmodel, fp32, stats, order, imgsz, calib_images, error_images, bins, seconds,
                                  source) for k, v in variants.items()}
-    return next(iter(results.values()))
+    first, *others = results
+    # in memory only (each variant's inspect.json is already written): the other variants' summaries
+    return {**results[first], "other_variants": {k: {"out": str(variants[k]["out"]), "summary": results[k]["summary"]}
+                                                 for k in others}}
 
 
 def _write_variant(name, v, fmodel, fp32, stats, order, imgsz, calib_images, error_images, bins, seconds,
