@@ -78,7 +78,7 @@ def _bench_eval(model: Path, source: Path, data: Path, out: Path, repeats: int, 
     write_json(result, out / "bench.json")
     mq, mu = ours["metrics"], theirs
     summary = "\n".join([
-        f"# Evaluation speed: qbench eval vs ultralytics YOLO(onnx).val",
+        "# Evaluation speed: qbench eval vs ultralytics YOLO(onnx).val",
         "",
         f"Reproduce: `{command}`",
         "",

@@ -25,7 +25,7 @@ from . import __version__
 from .data.dataset import load_data_yaml
 from .data.default import DEFAULT_CALIB, default_data, default_weights
 from .errors import QbenchError
-from .evaluate import EvalSettings, evaluate
+from .evaluate import EvalSettings
 from .files import display_path, write_json
 
 

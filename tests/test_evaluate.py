@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from qbench.data.dataset import image_files, load_data_yaml, read_image
 from qbench.data.preprocess import letterbox, to_input

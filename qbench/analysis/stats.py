@@ -150,7 +150,6 @@ class TensorStats:
         self.width = 0.0
         self.ch_min: np.ndarray | None = None
         self.ch_max: np.ndarray | None = None
-        self.shape: tuple[int, ...] | None = None
         self.hist_stride = 1  # > 1: the histogram (and so the percentiles) came from a 1-in-k subsample
 
     # ------------------------------------------------------------------ accumulation
@@ -199,7 +198,6 @@ class TensorStats:
         flat = x.reshape(-1)
         if self.hist is None:
             self._init_hist(mn, mx)
-            self.shape = tuple(x.shape[1:])
         self._grow(mn, mx)
         self.count += flat.size
         self.min, self.max = min(self.min, mn), max(self.max, mx)
