@@ -146,25 +146,76 @@ def quantize(
     recipe: str = typer.Option("default", help="Recipe name in configs/recipes/ or a YAML path."),
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
     fusion: Optional[str] = typer.Option(None, "--fusion", help=FUSION_HELP),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Accuracy budget in mAP50-95 points (0.3 = "
+                                             "0.003): keep the fewest convs in FP32, sensitivity-ranked, until the "
+                                             "drop on --data's val split is within it (mixed.json, sensitivity.csv "
+                                             "go next to --out). --data is then the scored data; calibration comes "
+                                             "from --calib, else from its train split."),
+    max_float: Optional[int] = typer.Option(None, "--max-float", help="With --max-drop: most convs allowed back "
+                                            "in FP32 (default: 10% of the quantized convs)."),
+    engine: str = typer.Option("ort", "--engine", help="ort: ONNX Runtime static QDQ with the recipe/profile; inc: "
+                               "Intel Neural Compressor's mAP-driven autotune of the .pt (needs --data), exported to "
+                               "an ONNX with int8 convs."),
+    tolerable_loss: float = typer.Option(0.01, "--tolerable-loss", help="--engine inc: relative mAP50-95 loss its "
+                                         "tuning accepts."),
+    max_trials: int = typer.Option(3, "--max-trials", help="--engine inc: tuning trials at most."),
+    threads: Optional[int] = typer.Option(None),
 ):
-    """Static INT8 PTQ with ONNX Runtime (QDQ), the YOLO decode kept in float."""
+    """Static INT8 PTQ with ONNX Runtime (QDQ), the YOLO decode kept in float; or Intel Neural Compressor."""
     import tempfile
 
     from .calibration import build_manifest, save_manifest
     from .data.dataset import image_files, load_data_yaml
+    from .evaluate import EvalSettings
     from .files import write_json
     from .models.export import export_onnx
-    from .quantize import apply_profile, quantize_ort
+    from .quantize import apply_profile, quantize_max_drop, quantize_ort
 
+    if engine not in ("ort", "inc"):
+        raise QbenchError(f"--engine {engine!r} is not an engine; use ort or inc.")
+    if engine == "inc":
+        if model.suffix.lower() != ".pt":
+            raise QbenchError(f"--engine inc quantizes the PyTorch model: pass the trained .pt, not '{model}'.")
+        if data is None:
+            raise QbenchError("--engine inc needs --data DATA.yaml: its tuning scores mAP50-95 on the val split.")
+        if max_drop is not None or profile or fusion or recipe != "default":
+            raise QbenchError("--engine inc tunes on its own (--tolerable-loss); --recipe, --profile, --fusion and "
+                              "--max-drop are ONNX Runtime engine options.")
     rec = apply_profile(recipe, profile, fusion)
-    if (calib_manifest is None) == (data is None):
+    if max_drop is None and max_float is not None:
+        raise QbenchError("--max-float only applies with --max-drop.")
+    if max_drop is not None and data is None:
+        raise QbenchError("--max-drop needs --data DATA.yaml: the budget is measured on its val split.")
+    if max_drop is None and (calib_manifest is None) == (data is None):
         raise QbenchError("pass exactly one of --calib MANIFEST.json or --data DATA.yaml for the calibration images.")
     with tempfile.TemporaryDirectory() as tmp:
-        if data is not None:
+        if calib_manifest is None:
             n = min(rec.calib_size, len(image_files(load_data_yaml(data, require=("train",)), "train")))
             calib_manifest = save_manifest(build_manifest(data, n, "train"), Path(tmp) / "calibration.json")
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx") if model.suffix.lower() == ".pt" else model
-        report = quantize_ort(fp32, out, rec, calib_manifest, progress=True)
+        if engine == "inc":
+            from .quantize.inc_engine import quantize_inc
+
+            r = quantize_inc(model, fp32, out, data, calib_manifest, tolerable_loss=tolerable_loss,
+                             max_trials=max_trials, threads=threads, progress=True)
+            write_json(r, out.with_name(out.stem + ".quantize.json"))
+            t = r["tuning"]
+            typer.echo(f"wrote {out}: INC chose {t['chosen']} after {len(t['trials'])} trials (FP32 mAP50-95 "
+                       f"{t['baseline_mAP50-95']}, trials {[x['mAP50-95'] for x in t['trials']]}); "
+                       f"{r['graph']['qlinearconv']} QLinearConv after ORT optimization")
+            return
+        if max_drop is not None:
+            m = quantize_max_drop(fp32, out, rec, calib_manifest, data, max_drop, max_float=max_float,
+                                  settings=EvalSettings(threads=threads), progress=True, threads=threads)
+            typer.echo(f"wrote {out}: mAP50-95 {m['fp32_mAP50-95']:.4f} FP32, {m['int8_mAP50-95']:.4f} all-INT8 "
+                       f"(-{m['drop_points']['int8']} points), {m['mixed_mAP50-95']:.4f} mixed "
+                       f"(-{m['drop_points']['mixed']} points, budget {max_drop}) with {len(m['float_layers'])} of "
+                       f"{m['quantized_convs']} convs in FP32:")
+            for f in m["float_layers"]:
+                typer.echo(f"  {f['layer']}: {f['why']}")
+            typer.echo(f"details: {out.parent / 'mixed.json'}, {out.parent / 'sensitivity.csv'}")
+            return
+        report = quantize_ort(fp32, out, rec, calib_manifest, progress=True, threads=threads)
     write_json(report, out.with_name(out.stem + ".quantize.json"))
     q, con = report["qlinear_ops"], report["constraints"]
     typer.echo(f"wrote {out} ({report['size_bytes']['int8'] / 2**20:.1f} MB; {q.get('QLinearConv', 0)} QLinearConv "
@@ -297,6 +348,45 @@ def inspect(
 
 
 @app.command()
+def sensitivity(
+    fp32: Path = typer.Argument(..., help="FP32 .onnx."),
+    int8: Path = typer.Argument(..., help="INT8 QDQ .onnx quantized from it (`qbench quantize`)."),
+    calib_manifest: Path = typer.Option(..., "--calib", help="Calibration manifest: the proxy images are its first "
+                                        "--images."),
+    out: Path = typer.Option(..., "--out", help="Folder for sensitivity.json and sensitivity.csv."),
+    data: Optional[Path] = typer.Option(None, "--data", help="data.yaml: the top-K layers are measured by mAP50-95 "
+                                        "on its val split (without it: proxy only)."),
+    images: int = typer.Option(8, help="Proxy images (calibration images, never the scored split)."),
+    top_k: int = typer.Option(10, "--top-k", help="Layers measured by mAP (0: none)."),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Per-layer sensitivity: the damage of quantizing each conv alone and the recovery of keeping it alone in
+    FP32, by an output-error proxy for every layer and by mAP for the top-K."""
+    from .analysis.sensitivity import layer_sensitivity
+    from .calibration import load_manifest
+    from .evaluate import EvalSettings
+
+    if images < 1:
+        raise QbenchError(f"--images {images} must be at least 1.")
+    _, paths = load_manifest(calib_manifest, verify=True)
+    r = layer_sensitivity(fp32, int8, paths[:images], data, top_k=top_k, settings=EvalSettings(threads=threads),
+                          out=out, progress=True, threads=threads)
+    p = r["proxy"]
+    typer.echo(f"{p['layers']} quantized convs; INT8 output error {p['int8_db']:.1f} dB on {len(p['images'])} "
+               f"images ({p['forward_passes']} forward passes, {p['seconds']:.0f} s)")
+    for row in r["layers"][:10]:
+        extra = (f", mAP recovery {100 * row['map_recovery']:+.2f} / damage {100 * row['map_damage']:+.2f} points"
+                 if row["map_recovery"] is not None else "")
+        typer.echo(f"  #{row['rank']} {row['module']}: proxy recovery {row['proxy_recovery_db']:+.2f} dB, "
+                   f"alone {row['proxy_damage_db']:.1f} dB{extra}")
+    if r["map"]:
+        rc = r["map"]["rank_correlation"]
+        typer.echo(f"rank correlation proxy vs mAP over the top {r['map']['top_k']}: recovery {rc['recovery']}, "
+                   f"damage {rc['damage']} ({r['map']['evaluations']} evaluations, {r['map']['seconds']:.0f} s)")
+    typer.echo(f"wrote {out}/sensitivity.json, sensitivity.csv")
+
+
+@app.command()
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="One or more `qbench run` folders (several: side by side)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for summary.md and report.html "
@@ -375,6 +465,24 @@ def bench_inspect(
     typer.echo(run_bench(fp32, int8, calib_manifest, data, out, images=images, error_images=error_images,
                          memory_sizes=_sizes(memory_sizes) if memory_sizes.strip() else None, argv=sys.argv,
                          progress=True))
+
+
+@bench_app.command("engines")
+def bench_engines(
+    weights: Path = typer.Argument(..., help="Trained best.pt (INC quantizes the PyTorch model)."),
+    data: Path = typer.Option(..., "--data", help="data.yaml: INC tunes on its val split; both are scored on it."),
+    calib_manifest: Path = typer.Option(..., "--calib", help="Calibration manifest, shared by both engines."),
+    out: Path = typer.Option(..., "--out", help="Folder for engines.json and summary.md."),
+    recipe: str = typer.Option("default", help="Recipe of the ONNX Runtime engine."),
+    tolerable_loss: float = typer.Option(0.01, help="INC's relative mAP50-95 loss tolerated by its tuning."),
+    max_trials: int = typer.Option(3, help="INC tuning trials at most."),
+    eval_images: Optional[int] = typer.Option(None, help="Val images INC scores each trial on (default: all)."),
+):
+    """ONNX Runtime vs Intel Neural Compressor on one model: mAP, int8 convs in the optimized graph, latency."""
+    from .bench import bench_engines as run_bench
+
+    typer.echo(run_bench(weights, data, calib_manifest, out, recipe=recipe, tolerable_loss=tolerable_loss,
+                         max_trials=max_trials, eval_images=eval_images, argv=sys.argv, progress=True))
 
 
 def main() -> None:

@@ -23,8 +23,9 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def ort_session(path: str | Path, threads: int | None = None, optimize: bool = True):
-    """An ONNX Runtime CPU session with a fixed thread count (intra-op), sequential execution."""
+def ort_session(path: str | Path | bytes, threads: int | None = None, optimize: bool = True):
+    """An ONNX Runtime CPU session with a fixed thread count (intra-op), sequential execution; `path` may also be
+    a serialized model (bytes)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -38,9 +39,11 @@ def ort_session(path: str | Path, threads: int | None = None, optimize: bool = T
     # turn, and a spinning pool of one session steals the cores of the next (on 2 cores that doubled latencies).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        src = path if isinstance(path, bytes) else str(path)
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
-        raise QbenchError(f"ONNX Runtime cannot load '{path}' ({str(e).splitlines()[0][:200]}); "
+        where = "the edited model" if isinstance(path, bytes) else path
+        raise QbenchError(f"ONNX Runtime cannot load '{where}' ({str(e).splitlines()[0][:200]}); "
                           "re-export it with `qbench export`.") from e
 
 

@@ -141,3 +141,34 @@ def delta_bars(rows: list[tuple[str, str, float]]) -> bytes | None:
     ax.grid(axis="y", alpha=0.3)
     ax.set_title("Accuracy change of each INT8 variant against FP32")
     return _png(fig)
+
+
+def sensitivity_bars(sens: dict, top: int = 20) -> bytes | None:
+    """Layers ranked by proxy recovery (dB gained with the layer alone in FP32), with the mAP recovery measured for
+    the top-K on a second axis."""
+    rows = (sens or {}).get("layers", [])[:top]
+    if not rows:
+        return None
+    plt = _plt()
+    rows = rows[::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.4))
+    y = list(range(len(rows)))
+    ax.barh([v - 0.2 for v in y], [_num(r["proxy_recovery_db"]) for r in rows], height=0.4, color=COLORS[0],
+            label="proxy: output error recovered (dB)")
+    ax.set_yticks(y, [r["module"] for r in rows])
+    ax.tick_params(labelsize=7)
+    ax.set_xlabel("proxy recovery (dB)")
+    ax.grid(axis="x", alpha=0.3)
+    measured = [(v, r) for v, r in zip(y, rows) if r.get("map_recovery") is not None]
+    if measured:
+        ax2 = ax.twiny()
+        ax2.barh([v + 0.2 for v, _ in measured], [100 * r["map_recovery"] for _, r in measured], height=0.4,
+                 color=COLORS[1], label="measured: mAP50-95 recovered (points)")
+        ax2.set_xlabel("mAP50-95 recovery (points)")
+        ax2.axvline(0, color="grey", lw=0.5)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right")
+    ax.set_title("Layer sensitivity: recovery of keeping one layer in FP32", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)

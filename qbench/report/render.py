@@ -58,7 +58,12 @@ def load_run(run_dir: str | os.PathLike) -> dict:
                           "`qbench run`.")
     run = {"dir": d, "name": d.name, "info": _read_json(d / "run.json") or {},
            "model": _read_json(d / "model.json") or {}, "compare": _read_json(d / "compare.json"),
-           "inspect": {}, "hists": {}}
+           "inspect": {}, "hists": {}, "sensitivity": {}, "mixed": {}}
+    for kind in ("sensitivity", "mixed"):  # `qbench sensitivity --out RUN[/SUB]`, `qbench quantize --max-drop`
+        for p in [d / f"{kind}.json", *sorted(d.glob(f"*/{kind}.json"))]:
+            obj = _read_json(p)
+            if obj is not None:
+                run[kind]["." if p.parent == d else p.parent.name] = obj
     for ins_path in [d / "inspect.json", *sorted(d.glob("profiles/*/inspect.json"))]:
         ins = _read_json(ins_path)
         if ins is None:
@@ -167,6 +172,53 @@ def _variant_table(run: dict) -> tuple[list[str], list[list[str]]] | None:
         return None
     return (["model", "activations", "Δ mAP50", "Δ mAP50-95", "output SQNR dB", "median isolated dB",
              "lowest cumulative dB", "LeakyReLU unfused", "most harmed LeakyReLU"], rows)
+
+
+def _pts(v, signed=True):
+    return "—" if v is None else (f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}")
+
+
+def _sensitivity_table(sens: dict, k: int = 15) -> tuple[list[str], list[list[str]]]:
+    head = ["rank", "layer", "proxy recovery dB", "alone dB", "mAP recovery (pts)", "mAP damage (pts)"]
+    rows = [[str(r["rank"]), r["module"], _fmt(r["proxy_recovery_db"], 2, True), _fmt(r["proxy_damage_db"], 1),
+             _pts(r["map_recovery"]), _pts(r["map_damage"])] for r in sens.get("layers", [])[:k]]
+    return head, rows
+
+
+def _sensitivity_note(sens: dict) -> str:
+    p, m = sens.get("proxy", {}), sens.get("map") or {}
+    note = (f"{p.get('layers')} quantized convs, INT8 output error {p.get('int8_db')} dB; proxy cost "
+            f"{p.get('forward_passes')} forward passes on {len(p.get('images', []))} calibration images "
+            f"({p.get('seconds')} s).")
+    if m:
+        rc = m.get("rank_correlation", {})
+        note += (f" Top {m.get('top_k')} measured by mAP50-95 on {m.get('split')} ({m.get('evaluations')} "
+                 f"evaluations, {m.get('seconds')} s): FP32 {m.get('fp32_mAP50-95')}, INT8 {m.get('int8_mAP50-95')}; "
+                 f"Spearman rank correlation proxy vs mAP: recovery {rc.get('recovery')}, damage {rc.get('damage')}.")
+    return note
+
+
+def _mixed_table(mix: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "mAP50-95", "drop (pts)", "FP32 convs", "batch-1 ms", "vs FP32"]
+    lat = mix.get("latency", {})
+    n = len(mix.get("float_layers", []))
+    rows = []
+    for key, label, m, convs in (("fp32", "FP32", mix.get("fp32_mAP50-95"), "all"),
+                                 ("int8", "all INT8", mix.get("int8_mAP50-95"), "0"),
+                                 ("mixed", "mixed", mix.get("mixed_mAP50-95"), f"{n} of {mix.get('quantized_convs')}")):
+        lt = lat.get(key, {})
+        drop = None if m is None else mix.get("fp32_mAP50-95", 0) - m
+        rows.append([label, _fmt(m), _pts(drop, signed=False), convs, _fmt(lt.get("batch1_median_ms"), 1),
+                     f"{lt['speedup_batch1']:.2f}x" if lt.get("speedup_batch1") else "—"])
+    return head, rows
+
+
+def _mixed_note(mix: dict) -> str:
+    state = "met" if mix.get("met") else "NOT met"
+    layers = "; ".join(f"{f['layer']} ({f['why']})" for f in mix.get("float_layers", [])) or "none"
+    return (f"Budget {mix.get('max_drop_points')} mAP50-95 points on {mix.get('split')}: {state}, recipe "
+            f"{mix.get('recipe')}, {len(mix.get('trials', [])) - 1} candidates tried. FP32 layers: {layers}. "
+            f"{mix.get('note', '')}.")
 
 
 def _md(head, rows) -> str:
@@ -305,6 +357,32 @@ def build(runs: list[dict]) -> tuple[str, str]:
                 body += [f"<details><summary><b>{html.escape(label)}</b></summary>", _html_table(head, rows),
                          "</details>"]
         body.append(_img(plots.leaky_harm(main or leaky_runs), "LeakyReLU harm ranking"))
+
+    # ---- sensitivity and mixed precision
+    if any(r["sensitivity"] or r["mixed"] for r in runs):
+        md += ["## Layer sensitivity and mixed precision", ""]
+        body.append("<h2>Layer sensitivity and mixed precision</h2>")
+        expl = ("Per quantized conv: proxy recovery = output error removed by keeping that layer alone in FP32 (dB), "
+                "alone = output SQNR-like error with only that layer quantized (dB), on calibration images; the "
+                "top-K are also measured by mAP50-95 on the val split (points: 1 = 0.01). Mixed precision keeps "
+                "the fewest layers in FP32 for a mAP budget (`qbench quantize --max-drop`).")
+        md += [expl, ""]
+        body.append(f"<p class='muted'>{html.escape(expl)}</p>")
+        for r in runs:
+            for sub, sens in r["sensitivity"].items():
+                label = r["name"] if sub == "." else f"{r['name']} / {sub}"
+                head, rows = _sensitivity_table(sens)
+                note = _sensitivity_note(sens)
+                md += [f"### {label}: sensitivity", "", note, "", _md(head, rows)]
+                body += [f"<h3>{html.escape(label)}: sensitivity</h3>", f"<p>{html.escape(note)}</p>",
+                         _html_table(head, rows), _img(plots.sensitivity_bars(sens), "layer sensitivity")]
+            for sub, mix in r["mixed"].items():
+                label = r["name"] if sub == "." else f"{r['name']} / {sub}"
+                head, rows = _mixed_table(mix)
+                note = _mixed_note(mix)
+                md += [f"### {label}: mixed precision", "", note, "", _md(head, rows)]
+                body += [f"<h3>{html.escape(label)}: mixed precision</h3>", f"<p>{html.escape(note)}</p>",
+                         _html_table(head, rows)]
 
     commands = [r["info"].get("command", "") for r in runs] + [_inspect_hint(r) for r in runs if r["inspect"]]
     md += ["## Reproduce", ""] + [f"- `{c}`" for c in commands if c] + \

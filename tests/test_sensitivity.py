@@ -1,0 +1,211 @@
+"""Per-layer FP32 fallback (graph edits), sensitivity and accuracy-aware mixed precision: the committed default
+model, real ONNX Runtime quantization, sessions and evaluation, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from qbench.analysis.sensitivity import layer_sensitivity, output_error, ranking, spearman
+from qbench.calibration import load_manifest
+from qbench.errors import QbenchError
+from qbench.evaluate import EvalSettings, evaluate
+from qbench.quantize import quantize_max_drop, recipe_from_dict
+from qbench.quantize.fallback import all_edges, bypass, conv_layers, keep_float, quantize_only
+from qbench.quantize.inc_engine import optimized_op_counts
+from qbench.runtime import ort_session
+
+from conftest import run_cli
+
+# percentile 90 clips every activation hard: a drop large enough to test budgets with
+CLIPPING = {"method": "percentile", "percentile": 90.0, "calib_size": 12}
+
+
+def _run(model, x):
+    sess = ort_session(model.SerializeToString() if not isinstance(model, bytes) else model, threads=2)
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.fixture(scope="module")
+def models(small_run):
+    from qbench.data.preprocess import to_input
+
+    fp32, int8 = onnx.load(str(small_run / "fp32.onnx")), onnx.load(str(small_run / "int8.onnx"))
+    rng = np.random.default_rng(0)
+    x = to_input([rng.integers(0, 255, (320, 320, 3), dtype=np.uint8) for _ in range(2)])
+    return fp32, int8, x
+
+
+def test_bypassing_every_quantizer_gives_the_fp32_model_exactly(models):
+    fp32, int8, x = models
+    ref = _run(fp32, x)
+    assert np.array_equal(_run(bypass(int8, all_edges(int8), fp32), x), ref)
+    assert not np.array_equal(_run(int8, x), ref)
+
+
+def test_keep_float_turns_exactly_those_convs_back_to_float(models, tmp_path):
+    fp32, int8, x = models
+    layers = conv_layers(int8)
+    assert len(layers) == 63  # every Conv of the level-3 model but the DFL's fixed one
+    assert all(layer.macs > 0 for layer in layers)
+    p = tmp_path / "int8.onnx"
+    onnx.save(int8, str(p))
+    before = optimized_op_counts(p)
+    picked = [layers[3], layers[20]]  # two backbone/neck convs ORT runs as QLinearConv
+    edited = keep_float(int8, fp32, picked)
+    q = tmp_path / "mixed.onnx"
+    onnx.save(edited, str(q))
+    after = optimized_op_counts(q)
+    assert after["QLinearConv"] == before["QLinearConv"] - 2
+    assert {layer.name for layer in conv_layers(edited)} == {layer.name for layer in layers} - {x.name for x in picked}
+    # the float convs read the FP32 model's own weights
+    w = {t.name: t for t in edited.graph.initializer}
+    f = {t.name: t for t in fp32.graph.initializer}
+    conv = next(n for n in edited.graph.node if n.name == picked[0].name)
+    assert np.array_equal(onnx.numpy_helper.to_array(w[conv.input[1]]),
+                          onnx.numpy_helper.to_array(f[picked[0].weight]))
+    # fewer quantizers, less error than all-INT8; quantizing one layer alone is far closer to FP32 than all of them
+    ref = _run(fp32, x)
+    e_all = output_error(_run(int8, x), ref)
+    assert output_error(_run(keep_float(int8, fp32, layers), x), ref) < e_all
+    assert 0 < output_error(_run(quantize_only(int8, fp32, layers[3]), x), ref) < e_all
+    with pytest.raises(KeyError):
+        keep_float(int8, fp32, ["/not/a/conv"])
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert spearman([1, 2, 3], [5, 5, 5]) is None
+    assert spearman([1, 2], [1, 2]) is None
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.949, abs=1e-3)
+
+
+def test_sensitivity_ranks_every_layer_and_measures_the_top_k(small_run, synth_small, tmp_path):
+    _, paths = load_manifest(small_run / "calibration.json")
+    r = layer_sensitivity(small_run / "fp32.onnx", small_run / "int8.onnx", paths[:2], synth_small, top_k=3,
+                          settings=EvalSettings(), out=tmp_path)
+    rows = r["layers"]
+    assert len(rows) == 63 == r["proxy"]["layers"]
+    assert [row["rank"] for row in rows] == list(range(1, 64))
+    rec = [row["proxy_recovery"] for row in rows]
+    assert rec == sorted(rec, reverse=True) and rec[0] > 0
+    assert all(row["proxy_damage"] > 0 for row in rows)
+    assert r["proxy"]["forward_passes"] == 2 * (2 * 63 + 2)
+    measured = [row for row in rows if row["map_recovery"] is not None]
+    assert [row["rank"] for row in measured] == [1, 2, 3] and all(row["map_damage"] is not None for row in measured)
+    assert r["map"]["evaluations"] == 8
+    # the mAP numbers are real evaluations: the recovery of the first layer is its keep-float model's mAP - INT8's
+    fp32, int8 = onnx.load(str(small_run / "fp32.onnx")), onnx.load(str(small_run / "int8.onnx"))
+    p = tmp_path / "check.onnx"
+    onnx.save(keep_float(int8, fp32, [rows[0]["layer"]]), str(p))
+    m = evaluate(p, synth_small)["metrics"]["mAP50-95"]
+    assert m - r["map"]["int8_mAP50-95"] == pytest.approx(rows[0]["map_recovery"], abs=2e-5)
+    csv_rows = (tmp_path / "sensitivity.csv").read_text().splitlines()
+    assert len(csv_rows) == 64 and csv_rows[0].startswith("rank,layer,module")
+    assert json.loads((tmp_path / "sensitivity.json").read_text())["layers"][0]["layer"] == rows[0]["layer"]
+    order = ranking(r)
+    assert sorted(order) == sorted(row["layer"] for row in rows)
+    helped = [row["layer"] for row in measured if row["map_recovery"] > 0]
+    assert order[:len(helped)] == sorted(helped, key=lambda n: -next(x["map_recovery"] for x in rows
+                                                                     if x["layer"] == n))
+
+
+@pytest.fixture(scope="module")
+def clipping(small_run):
+    """The calibration manifest of the small run (the clipping recipe quantizes with it)."""
+    return small_run / "calibration.json"
+
+
+def test_max_drop_met_without_fallback_writes_the_all_int8_model(small_run, synth_small, clipping, tmp_path):
+    out = tmp_path / "m" / "int8.onnx"
+    r = quantize_max_drop(small_run / "fp32.onnx", out, recipe_from_dict(CLIPPING), clipping, synth_small, 100.0)
+    assert r["met"] and r["float_layers"] == [] and len(r["trials"]) == 1
+    assert out.is_file() and (out.parent / "recipe.yaml").is_file()
+    assert not (out.parent / "sensitivity.json").exists()  # nothing to rank when the budget holds
+    assert json.loads((out.parent / "mixed.json").read_text())["met"] is True
+    assert set(r["latency"]) == {"fp32", "int8", "mixed"}
+    m = evaluate(out, synth_small)["metrics"]["mAP50-95"]
+    assert m == pytest.approx(r["int8_mAP50-95"], abs=1e-5)
+    assert r["drop_points"]["int8"] > 1.0  # the clipping recipe does lose accuracy here
+
+
+def test_max_drop_falls_back_layers_or_says_it_cannot(small_run, synth_small, clipping, tmp_path):
+    out = tmp_path / "m" / "int8.onnx"
+    fp32 = small_run / "fp32.onnx"
+    try:
+        r = quantize_max_drop(fp32, out, recipe_from_dict(CLIPPING), clipping, synth_small, 0.5, max_float=3,
+                              proxy_images=2, top_k=2)
+    except QbenchError as e:
+        assert "cannot be met within 3 FP32 layers" in str(e)
+        assert not out.exists() and not list(out.parent.glob("*.onnx"))
+        r = json.loads((out.parent / "mixed.json").read_text())
+        assert r["met"] is False and len(r["float_layers"]) <= 3
+    else:
+        assert r["met"] and 1 <= len(r["float_layers"]) <= 3
+        assert r["drop_points"]["mixed"] <= 0.5 < r["drop_points"]["int8"]
+        m = evaluate(out, synth_small)["metrics"]["mAP50-95"]
+        assert m == pytest.approx(r["mixed_mAP50-95"], abs=1e-5)
+        names = {x.name for x in conv_layers(onnx.load(str(out)))}
+        assert not names & {f["layer"] for f in r["float_layers"]}
+    assert (out.parent / "sensitivity.csv").is_file()
+    kept = [t for t in r["trials"][1:] if t["kept"]]
+    assert [t["float_layers"][-1] for t in kept] == [f["layer"] for f in r["float_layers"]]
+    maps = [r["trials"][0]["mAP50-95"], *(t["mAP50-95"] for t in kept)]
+    assert maps == sorted(maps) and len(set(maps)) == len(maps)  # a layer is kept only when it raised the mAP
+
+
+def test_unreachable_budget_is_reported_and_writes_no_model(small_run, synth_small, clipping, tmp_path):
+    out = tmp_path / "u" / "int8.onnx"
+    with pytest.raises(QbenchError, match="cannot be met within 0 FP32 layers"):
+        quantize_max_drop(small_run / "fp32.onnx", out, recipe_from_dict(CLIPPING), clipping, synth_small, 0.01,
+                          max_float=0)
+    assert not out.exists() and not list(out.parent.glob("*.onnx"))
+    assert json.loads((out.parent / "mixed.json").read_text())["met"] is False
+
+
+def test_cli_sensitivity_and_max_drop_bad_input(small_run, synth_small, tmp_path):
+    calib = str(small_run / "calibration.json")
+    r = run_cli("quantize", str(small_run / "fp32.onnx"), "--out", str(tmp_path / "a.onnx"), "--calib",
+                calib, "--max-drop", "0.3")
+    assert r.returncode == 2 and "--max-drop needs --data" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("quantize", str(small_run / "fp32.onnx"), "--out", str(tmp_path / "a.onnx"), "--data",
+                str(synth_small), "--max-drop", "-1")
+    assert r.returncode == 2 and "must be a number of mAP50-95 points" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("quantize", str(small_run / "fp32.onnx"), "--out", str(tmp_path / "a.onnx"), "--calib",
+                calib, "--max-float", "2")
+    assert r.returncode == 2 and "--max-float only applies with --max-drop" in r.stderr
+    assert not (tmp_path / "a.onnx").exists()
+    r = run_cli("sensitivity", str(small_run / "fp32.onnx"), str(small_run / "fp32.onnx"), "--calib",
+                calib, "--out", str(tmp_path / "s"), "--top-k", "0")
+    assert r.returncode == 2 and "no quantized convolution" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("sensitivity", str(small_run / "fp32.onnx"), str(small_run / "int8.onnx"), "--calib",
+                calib, "--out", str(tmp_path / "s"), "--images", "1", "--top-k", "0")
+    assert r.returncode == 0, r.stderr
+    assert "63 quantized convs" in r.stdout and (tmp_path / "s" / "sensitivity.csv").is_file()
+    assert len(json.loads((tmp_path / "s" / "sensitivity.json").read_text())["proxy"]["images"]) == 1
+
+
+def test_report_shows_sensitivity_and_mixed_precision(small_run, synth_small, clipping, tmp_path):
+    from qbench.report import report
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("report.html", "summary.md"))
+    _, paths = load_manifest(clipping)
+    sens = layer_sensitivity(run / "fp32.onnx", run / "int8.onnx", paths[:1], synth_small, top_k=2, out=run)
+    mix = quantize_max_drop(run / "fp32.onnx", run / "mixed" / "int8.onnx", recipe_from_dict(CLIPPING), clipping,
+                            synth_small, 100.0)
+    report([run])
+    md = (run / "summary.md").read_text()
+    assert "## Layer sensitivity and mixed precision" in md
+    top = sens["layers"][0]
+    assert f"| 1 | {top['module']} | {top['proxy_recovery_db']:+.2f} |" in md
+    rc = sens["map"]["rank_correlation"]
+    assert f"recovery {rc['recovery']}, damage {rc['damage']}" in md
+    assert "run / mixed: mixed precision" in md and f"| all INT8 | {mix['int8_mAP50-95']:.4f} |" in md
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "layer sensitivity" in page
