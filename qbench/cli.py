@@ -348,6 +348,40 @@ def inspect(
 
 
 @app.command()
+def qat(
+    weights: Path = typer.Option(..., "--weights", help="Trained checkpoint (best.pt)."),
+    data: Path = typer.Option(..., "--data", help="data.yaml: train split to fine-tune and calibrate, val to score."),
+    out: Path = typer.Option(..., "--out", help="Run folder; re-run the same command to resume an interrupted run."),
+    recipe: str = typer.Option("default", "--recipe", help="Recipe name in configs/recipes/ or a YAML path."),
+    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
+    fusion: Optional[str] = typer.Option(None, "--fusion", help=FUSION_HELP),
+    calib_manifest: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest (default: sampled "
+                                                  "from the train split)."),
+    epochs: int = typer.Option(3),
+    imgsz: Optional[int] = typer.Option(None, help="Default: the size the model was trained at."),
+    batch: int = typer.Option(16),
+    lr0: float = typer.Option(1e-4),
+    device: str = typer.Option("cpu", help="'cpu' or a CUDA device such as '0'."),
+    workers: int = typer.Option(2),
+    u8: bool = typer.Option(True, "--u8/--no-u8", help="Write int8 activations as uint8 with zero point +128 (the "
+                            "same numbers; fast x86 kernels)."),
+):
+    """QAT fine-tuning with fake quantization matching a PTQ recipe/profile; exports a QDQ INT8 ONNX and scores
+    FP32 / PTQ / QAT in one table (qat.json)."""
+    from .qat import qat as run_qat
+
+    r = run_qat(weights, data, out, recipe=recipe, profile=profile, fusion=fusion, calib=calib_manifest,
+                epochs=epochs, imgsz=imgsz, batch=batch, lr0=lr0, device=device, workers=workers, u8_activations=u8,
+                progress=True)
+    for name, row in r["compare"]["table"].items():
+        typer.echo(f"  {name}: mAP50-95 {row['mAP50-95']:.4f} ({row['delta_mAP50-95']:+.4f}), "
+                   f"batch-1 {row['batch1_median_ms']:.1f} ms ({row['speedup_batch1']:.2f}x)")
+    k, m = r["kernels"], r["onnx_vs_torch"]
+    typer.echo(f"{k['QLinearConv']} of {k['quantized_convs']} quantized convs run as QLinearConv; QAT ONNX vs "
+               f"PyTorch fake-quant: {m['ort_optimized']['sqnr_db']:.1f} dB SQNR; wrote {out}/qat.json")
+
+
+@app.command()
 def sensitivity(
     fp32: Path = typer.Argument(..., help="FP32 .onnx."),
     int8: Path = typer.Argument(..., help="INT8 QDQ .onnx quantized from it (`qbench quantize`)."),

@@ -209,3 +209,12 @@ def test_report_shows_sensitivity_and_mixed_precision(small_run, synth_small, cl
     assert "run / mixed: mixed precision" in md and f"| all INT8 | {mix['int8_mAP50-95']:.4f} |" in md
     page = (run / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 2 and "layer sensitivity" in page
+
+
+def test_layer_module_names_are_the_torch_module_paths(models, default_weights):
+    from qbench.models.load import load_checkpoint
+
+    names = dict(load_checkpoint(default_weights).model.named_modules())
+    _, int8, _ = models
+    for layer in conv_layers(int8):
+        assert layer.module in names and type(names[layer.module]).__name__ == "Conv2d", layer.name

@@ -45,8 +45,15 @@ class Layer:
 
     @property
     def module(self) -> str:
-        """The ultralytics module path, e.g. model.2.cv1.conv (from the node name)."""
-        return self.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+        """The ultralytics module path, e.g. model.2.cv1.conv, from the node name. The exporter names nested
+        children by their path from the enclosing module: /model.23/cv2.0/cv2.0.0/conv/Conv is model.23.cv2.0.0.conv."""
+        parts: list[str] = []
+        for seg in self.name.strip("/").split("/")[:-1]:
+            if parts and seg.startswith(parts[-1] + "."):
+                parts[-1] = seg
+            else:
+                parts.append(seg)
+        return ".".join(parts)
 
 
 class _Index:

@@ -65,7 +65,7 @@ from .. import __version__
 from ..calibration import CalibrationReader, load_manifest
 from ..errors import QbenchError
 from ..progress import bar
-from .constraints import apply_constraints
+from .constraints import activations_to_uint8, apply_constraints
 from .recipe import MAX_OPSET, MIN_CALIB, Recipe, load_recipe, write_recipe
 
 LOG = logging.getLogger("qbench")
@@ -424,6 +424,32 @@ def _calibrate(model_path: Path, workdir: Path, recipe: Recipe, reader: Calibrat
     return ranges, method, seeded
 
 
+def _load_ranges(path: Path, model_path: Path, op_types: list[str]):
+    """Ranges saved by `save_ranges`, checked against the tensors ORT will quantize in `model_path`."""
+    import onnx
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    try:
+        tensors = load_tensors_data(path)
+        data = dict(tensors.data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise QbenchError(f"ranges file '{path}' is not a ranges JSON written by save_ranges ({e}).") from e
+    if not data:
+        raise QbenchError(f"ranges file '{path}' holds no ranges; write one with save_ranges.")
+    model = onnx.load(str(model_path), load_external_data=False)
+    wanted = set()
+    init = {t.name for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type in op_types:
+            wanted.update(t for t in (*n.input, *n.output) if t and t not in init)
+    missing = sorted(wanted - set(data) - {i.name for i in model.graph.input if i.name in init})
+    # ORT calibrates every input/output of the ops it quantizes; a model with the same graph has the same names
+    if len(missing) > 0.5 * len(wanted) or not set(data) & wanted:
+        raise QbenchError(f"ranges file '{path}' does not fit this model ({len(missing)} of {len(wanted)} tensors "
+                          f"have no range, e.g. {missing[:3]}); use ranges from a model with the same graph.")
+    return tensors, tensors.calibration_method, 0
+
+
 def _ort_has_calibration_cache() -> bool:
     """quantize_static(calibration_cache_path=...) exists (ORT 1.32 has it); without it ORT recalibrates."""
     from onnxruntime.quantization import quantize_static
@@ -522,13 +548,21 @@ def _verify(tmp: Path, optimized: Path, input_name: str, imgsz: int, threads: in
 
 # --------------------------------------------------------------------------- entry point
 def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, recipe: Recipe | str | os.PathLike | None,
-                 calib_paths: Sequence[str | os.PathLike] | str | os.PathLike, imgsz: int | None = None,
-                 progress: bool = False, threads: int | None = None) -> dict:
+                 calib_paths: Sequence[str | os.PathLike] | str | os.PathLike | None, imgsz: int | None = None,
+                 progress: bool = False, threads: int | None = None, *, ranges: str | os.PathLike | None = None,
+                 save_ranges: str | os.PathLike | None = None, u8_activations: bool = False) -> dict:
     """Quantize `fp32_onnx` to a QDQ INT8 `out_onnx` with ONNX Runtime; returns a JSON-able report.
 
     calib_paths: image paths (the first `recipe.calib_size` are used; a manifest's order is stratified), or the
     path of a calibration manifest .json (verified). imgsz defaults to the model's input size.
     Also writes `recipe.yaml` (the recipe used, plus the excluded nodes) next to `out_onnx`.
+
+    ranges: a ranges file written by `save_ranges` of an earlier call (ORT's calibration-cache JSON): calibration is
+    skipped and these ranges are used (calib_paths may then be None), so a model with the same graph but other
+    weights (e.g. after QAT) gets exactly the earlier activation scales. Every tensor to quantize must have a range.
+    save_ranges: also write the calibrated ranges there (JSON).
+    u8_activations: rewrite int8 activation Q/DQ as uint8 with zero point + 128 (`activations_to_uint8`): the same
+    numbers, but ONNX Runtime's fast x86 u8s8 kernels for symmetric profiles.
     """
     import onnx
     import onnxruntime as ort
@@ -547,11 +581,19 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
     if out.exists() and out.resolve() == src.resolve():
         raise QbenchError(f"output '{out}' is the FP32 input itself; pass another output path like int8.onnx.")
 
-    paths = _calib_paths(calib_paths)
-    if not paths:
+    paths = _calib_paths(calib_paths) if ranges is None or calib_paths is not None else []
+    if ranges is not None:
+        ranges = Path(ranges)
+        if not ranges.is_file():
+            raise QbenchError(f"ranges file '{ranges}' does not exist; write one with save_ranges (or drop ranges and "
+                              "pass a calibration set).")
+        if not _ort_has_calibration_cache():
+            raise QbenchError(f"this ONNX Runtime ({ort.__version__}) cannot take precomputed ranges "
+                              "(quantize_static has no calibration_cache_path); install onnxruntime >= 1.22.")
+    elif not paths:
         raise QbenchError("the calibration set is empty; pass at least 8 training images (default 128), "
                           "e.g. a manifest from `qbench calib`.")
-    if len(paths) < MIN_CALIB:
+    if ranges is None and len(paths) < MIN_CALIB:
         raise QbenchError(f"the calibration set of {len(paths)} images is too small for stable ranges; use at least "
                           f"{MIN_CALIB} (default 128).")
     used = paths[:recipe.calib_size]
@@ -616,12 +658,17 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
 
         t = time.perf_counter()
         passes = 1 if recipe.method == "minmax" else 2  # histogram methods: a min/max pass, then the histograms
-        with bar(len(used) * passes, "Calibrating", progress) as advance:
-            reader = CalibrationReader(used, imgsz, info["input_name"], batch=batch, on_batch=advance)
-            ranges, method, seeded = _calibrate(pre, work, recipe, reader, op_types, src)
+        ranges_file = ranges
+        if ranges_file is not None:
+            ranges, method, seeded = _load_ranges(ranges_file, pre, op_types)
+            passes, reader = 0, None
+        else:
+            with bar(len(used) * passes, "Calibrating", progress) as advance:
+                reader = CalibrationReader(used, imgsz, info["input_name"], batch=batch, on_batch=advance)
+                ranges, method, seeded = _calibrate(pre, work, recipe, reader, op_types, src)
+            if reader.images_read != len(used) * passes:
+                raise RuntimeError(f"calibration read {reader.images_read} images, expected {len(used) * passes}")
         seconds["calibration"] = time.perf_counter() - t
-        if reader.images_read != len(used) * passes:
-            raise RuntimeError(f"calibration read {reader.images_read} images, expected {len(used) * passes}")
 
         t = time.perf_counter()
         from onnxruntime.quantization.calibrate import save_tensors_data
@@ -631,11 +678,15 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         if _ort_has_calibration_cache():
             cache = work / "ranges.json"
             save_tensors_data(ranges, cache)
-            cache_mode = "qbench calibration, passed as ORT's calibration cache"
+            if save_ranges is not None:
+                Path(save_ranges).parent.mkdir(parents=True, exist_ok=True)
+                save_tensors_data(ranges, Path(save_ranges))
+            cache_mode = ("qbench calibration, passed as ORT's calibration cache" if ranges_file is None else
+                          f"precomputed ranges from {ranges_file}")
             with contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(str(pre), str(qpath), None, calibrate_method=method, calibration_cache_path=str(cache),
                                 **kwargs)
-        else:  # older ORT: quantize_static calibrates again itself, one batch per collect_data call (bounded memory)
+        else:  # older ORT: quantize_static calibrates again itself (ranges= was refused above), one batch per collect_data call (bounded memory)
             reader.rewind()
             reader.on_batch = None  # the progress bar is closed
             cache_mode = "recalibrated by quantize_static (ORT without calibration_cache_path; num_bins not applied)"
@@ -648,6 +699,8 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
 
         qmodel = onnx.load(str(qpath))
         constraints = apply_constraints(qmodel, recipe, pre)
+        if u8_activations:
+            constraints["u8_activations"] = activations_to_uint8(qmodel)
         keep = [(p.key, p.value) for p in qmodel.metadata_props if p.key not in meta]
         del qmodel.metadata_props[:]
         extra_meta = {"qbench_quant_engine": f"onnxruntime {ort.__version__} static QDQ",
@@ -667,6 +720,10 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
             "forced_in_nodes": forced,
             "head_branch_convs": head.branch_convs,
         }
+        if u8_activations:
+            resolved["u8_activations"] = "int8 activation Q/DQ written as uint8, zero point + 128 (same values)"
+        if ranges_file is not None:
+            resolved["ranges_from"] = str(ranges_file)
         try:
             t = time.perf_counter()
             fused = _verify(tmp, work / "optimized.onnx", info["input_name"], imgsz, threads)
@@ -689,7 +746,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         "recipe": recipe.to_dict(),
         "imgsz": imgsz,
         "opset": opset,
-        "calibration": {"images": len(used), "available": len(paths), "requested": recipe.calib_size,
+        "calibration": {"images": len(used) if ranges_file is None else 0, "available": len(paths), "requested": recipe.calib_size,
                         "batch": batch, "method": recipe.method, "num_bins": recipe.effective_num_bins,
                         "percentile": recipe.effective_percentile, "ranges": cache_mode, "passes": passes,
                         "histograms_presized": seeded,
