@@ -398,7 +398,10 @@ def _train_stage(model, weights: Path, data, out: Path, epochs: int, imgsz: int,
     args = dict(model=str(weights), data=str(Path(data).resolve()), epochs=epochs, imgsz=imgsz, batch=batch,
                 device=device, workers=workers, seed=0, deterministic=True, amp=False, plots=False,
                 project=str(out.resolve()), name="train", exist_ok=True, verbose=False,
-                optimizer="AdamW", lr0=lr0, lrf=0.1, warmup_epochs=0, cos_lr=False, save_period=-1, val=True)
+                optimizer="AdamW", lr0=lr0, lrf=0.1, warmup_epochs=0, cos_lr=False, save_period=-1, val=True,
+                # no mosaic: QAT fine-tunes in the regime the original training ended in (its close_mosaic
+                # epochs); ultralytics closes mosaic at epoch `epochs - close_mosaic`, here the first
+                close_mosaic=epochs)
     args.update(overrides)
     t0 = time.time()
     if resume_from is not None and resume_from >= epochs:  # finished, but interrupted before the done marker

@@ -214,11 +214,12 @@ def _mixed_table(mix: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def _mixed_note(mix: dict) -> str:
-    state = "met" if mix.get("met") else "NOT met"
+    met = mix.get("met")
     layers = "; ".join(f"{f['layer']} ({f['why']})" for f in mix.get("float_layers", [])) or "none"
-    return (f"Budget {mix.get('max_drop_points')} mAP50-95 points on {mix.get('split')}: {state}, recipe "
-            f"{mix.get('recipe')}, {len(mix.get('trials', [])) - 1} candidates tried. FP32 layers: {layers}. "
-            f"{mix.get('note', '')}.")
+    return (f"Budget {mix.get('max_drop_points')} mAP50-95 points on {mix.get('split')}: "
+            f"{'met' if met else 'NOT met (no model written)'}, recipe {mix.get('recipe')}, "
+            f"{len(mix.get('trials', [])) - 1} candidates tried. "
+            f"{'FP32 layers' if met else 'Best found, FP32 layers'}: {layers}. Note: {mix.get('note', '')}.")
 
 
 def _md(head, rows) -> str:
