@@ -1,4 +1,4 @@
-"""File helpers shared by every stage: content hashes and atomic JSON writes."""
+"""File helpers shared by every stage: content hashes, atomic JSON writes, staged ONNX writes."""
 
 from __future__ import annotations
 
@@ -25,6 +25,29 @@ def write_json(obj, path: str | os.PathLike) -> Path:
     tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def stage_onnx(model, out: Path) -> Path:
+    """Save an ONNX model under a temporary name next to `out` (same folder, normal file permissions) and return
+    that name: the caller renames it into place (os.replace) once everything else succeeded, so a model file at
+    `out` always means a finished step."""
+    import tempfile
+
+    import onnx
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the model the permissions of a normal file
+        onnx.save(model, tmp)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
 
 
 def read_yaml(path: Path, what: str = ""):

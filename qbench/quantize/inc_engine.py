@@ -55,6 +55,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import QbenchError
+from ..files import stage_onnx
 
 LOG = logging.getLogger("qbench")
 
@@ -376,23 +377,6 @@ def _copy_metadata(src, dst, extra: dict) -> None:
         e.key, e.value = k, v
 
 
-def _atomic_write(proto, out: Path) -> None:
-    import onnx
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        onnx.save(proto, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------- entry point
 def _check_args(out: Path, tolerable_loss, max_trials, eval_images, calib_images) -> None:
     if out.suffix.lower() != ".onnx":
@@ -540,7 +524,7 @@ def quantize_inc(weights: str | Path, fp32_onnx: str | Path, out_onnx: str | Pat
             raise IncError(f"the INC ONNX model gives output {y_onnx.shape}, expected {y_torch.shape}.")
         del sess
         export_s = time.perf_counter() - t_export
-        _atomic_write(proto, out)
+        os.replace(stage_onnx(proto, out), out)
 
     convs = sum(1 for n in proto.graph.node if n.op_type == "Conv")
     baseline = trials[0]["mAP50-95"] if trials else None

@@ -64,6 +64,7 @@ import numpy as np
 from .. import __version__
 from ..calibration import CalibrationReader, load_manifest
 from ..errors import QbenchError
+from ..files import stage_onnx
 from ..progress import bar
 from .constraints import activations_to_uint8, apply_constraints
 from .recipe import MAX_OPSET, MIN_CALIB, Recipe, load_recipe, write_recipe
@@ -511,23 +512,6 @@ def _calib_paths(calib) -> list[Path]:
     return [Path(c) for c in calib]
 
 
-def _atomic_save(model, out: Path) -> Path:
-    import onnx
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the model the permissions of a normal file
-        onnx.save(model, tmp)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
 def _verify(tmp: Path, optimized: Path, input_name: str, imgsz: int, threads: int | None) -> dict:
     """Load the INT8 model with every ORT optimisation, save the optimised graph, run once; op-type counts."""
     import onnx
@@ -712,7 +696,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         if violations and not forced:  # forcing decode nodes in (recipe include) quantizes their neighbours' edges
             raise RuntimeError(f"the float head of {src} got Q/DQ nodes: {violations[:5]}")
         summary = node_summary(qmodel, set(excluded_names))
-        tmp = _atomic_save(qmodel, out)
+        tmp = stage_onnx(qmodel, out)
         del qmodel
         resolved = {
             "model": str(src),

@@ -369,21 +369,18 @@ def build(runs: list[dict]) -> tuple[str, str]:
                 "the fewest layers in FP32 for a mAP budget (`qbench quantize --max-drop`).")
         md += [expl, ""]
         body.append(f"<p class='muted'>{html.escape(expl)}</p>")
+        sections = (("sensitivity", "sensitivity", _sensitivity_table, _sensitivity_note, plots.sensitivity_bars),
+                    ("mixed", "mixed precision", _mixed_table, _mixed_note, None))
         for r in runs:
-            for sub, sens in r["sensitivity"].items():
-                label = r["name"] if sub == "." else f"{r['name']} / {sub}"
-                head, rows = _sensitivity_table(sens)
-                note = _sensitivity_note(sens)
-                md += [f"### {label}: sensitivity", "", note, "", _md(head, rows)]
-                body += [f"<h3>{html.escape(label)}: sensitivity</h3>", f"<p>{html.escape(note)}</p>",
-                         _html_table(head, rows), _img(plots.sensitivity_bars(sens), "layer sensitivity")]
-            for sub, mix in r["mixed"].items():
-                label = r["name"] if sub == "." else f"{r['name']} / {sub}"
-                head, rows = _mixed_table(mix)
-                note = _mixed_note(mix)
-                md += [f"### {label}: mixed precision", "", note, "", _md(head, rows)]
-                body += [f"<h3>{html.escape(label)}: mixed precision</h3>", f"<p>{html.escape(note)}</p>",
-                         _html_table(head, rows)]
+            for kind, title, table, describe, chart in sections:
+                for sub, obj in r[kind].items():
+                    label = f"{r['name'] if sub == '.' else r['name'] + ' / ' + sub}: {title}"
+                    head, rows = table(obj)
+                    note = describe(obj)
+                    md += [f"### {label}", "", note, "", _md(head, rows)]
+                    body += [f"<h3>{html.escape(label)}</h3>", f"<p>{html.escape(note)}</p>", _html_table(head, rows)]
+                    if chart is not None:
+                        body.append(_img(chart(obj), f"layer {title}"))
 
     commands = [r["info"].get("command", "") for r in runs] + [_inspect_hint(r) for r in runs if r["inspect"]]
     md += ["## Reproduce", ""] + [f"- `{c}`" for c in commands if c] + \
