@@ -73,8 +73,7 @@ def test_fake_quant_placement_matches_ptq_graph_pow2(tmp_path, default_weights, 
     layers = conv_layers(q)
     assert p["unmapped"] == [] and p["quantized_convs"] == len(layers) > 50
     qconvs = {n: m for n, m in model.named_modules() if isinstance(m, QConv2d)}
-    # (fallback.Layer.module spells nested head paths naively: 'model.23.cv2.0.cv2.0.0.conv'; resolve the scope)
-    assert {module_for_node(model, lay.name)[0] for lay in layers} == set(qconvs)
+    assert {module_for_node(model, lay.name)[0] for lay in layers} == {lay.module for lay in layers} == set(qconvs)
     assert not isinstance(model.model[-1].dfl.conv, QConv2d)  # the DFL conv stays float, as in the PTQ graph
     # fused profile: only the detect-branch convs (read by the float decode) quantize their own output
     assert sum(m.out_q is not None for m in qconvs.values()) == 6
