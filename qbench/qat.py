@@ -33,6 +33,7 @@ the same numbers, but ORT's fast x86 u8s8 kernels (see `constraints.activations_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -416,7 +417,8 @@ def _train_stage(model, weights: Path, data, out: Path, epochs: int, imgsz: int,
         for event, fn in (callbacks or {}).items():
             trainer.add_callback(event, fn)
         try:
-            trainer.train()
+            with _fp32_checkpoints():
+                trainer.train()
         finally:
             end = _last_epoch(tdir)
             sessions.append({"start_epoch": resume_from + 1, "end_epoch": end, "seconds": round(time.time() - t0, 1),
@@ -424,6 +426,21 @@ def _train_stage(model, weights: Path, data, out: Path, epochs: int, imgsz: int,
             _atomic_write_text(tdir / SESSIONS, json.dumps(sessions, indent=2) + "\n")
     _atomic_write_text(done, json.dumps({"epochs": epochs}) + "\n")
     return {"resumed_from_epoch": resume_from + 1 if resume_from else None, "sessions": sessions, "skipped": False}
+
+
+@contextlib.contextmanager
+def _fp32_checkpoints():
+    """ultralytics saves the EMA with `.half()` (save_model, strip_optimizer): a QAT model's weights then land on
+    different int8 codes than the ones it was validated with. While training, `Module.half` is a no-op, so
+    last.pt/best.pt hold the fp32 EMA that ultralytics' per-epoch validation scored."""
+    import torch.nn as nn
+
+    half = nn.Module.half
+    nn.Module.half = lambda self: self
+    try:
+        yield
+    finally:
+        nn.Module.half = half
 
 
 def _last_epoch(tdir: Path) -> int:

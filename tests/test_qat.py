@@ -119,6 +119,8 @@ def test_tiny_qat_run_interrupted_resumes_and_exports_int8(tmp_path, default_wei
     assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
     assert len((out / "train" / "results.csv").read_text().strip().splitlines()) == 2  # header + epoch 1
     assert isinstance(load_qat_model(last).model[0].conv, QConv2d)  # the checkpoint keeps its fake quantizers
+    ema = torch.load(last, map_location="cpu", weights_only=False)["ema"]
+    assert next(ema.parameters()).dtype == torch.float32  # the EMA that was validated, not a half-precision copy
 
     with pytest.raises(QbenchError, match="--epochs 2"):  # resuming with other epochs is refused, clearly
         qat(default_weights, synth_small, out, **{**kw, "epochs": 3})
