@@ -475,7 +475,7 @@ def _save_plain(model, src_ckpt: Path, dst: Path, imgsz: int) -> Path:
     """A plain ultralytics checkpoint (fake quantizers stripped) that `export_onnx` and `YOLO()` load."""
     import torch
 
-    plain = strip_qat(copy.deepcopy(model)).half()
+    plain = strip_qat(copy.deepcopy(model))  # fp32: exactly the weights the fake-quant model was scored with
     for p in plain.parameters():
         p.requires_grad = False
     ck = torch.load(src_ckpt, map_location="cpu", weights_only=False)
