@@ -9,6 +9,8 @@ the numbers agree with `yolo val ... rect=False` on the same settings.
 
 from __future__ import annotations
 
+import math
+
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -86,8 +88,10 @@ def evaluate(model: str | Path | Detector, data: str | Path, settings: EvalSetti
             raw = det.forward(to_input([it[0] for it in items]))
             t_inf += time.perf_counter() - t
             t = time.perf_counter()
+            # max_time_img=inf: ultralytics' NMS otherwise gives up on the rest of a batch after 2 s + 0.05 s per
+            # image and silently drops their detections, so a busy machine scored the same model lower
             preds = nms.non_max_suppression(torch.from_numpy(raw), settings.conf, settings.iou, nc=0,
-                                            multi_label=True, max_det=settings.max_det)
+                                            multi_label=True, max_det=settings.max_det, max_time_img=math.inf)
             for i, (_, geo), pred in zip(chunks[k], items, preds):
                 lab = labels[i]
                 tcls = torch.from_numpy(lab[:, 0])
