@@ -176,6 +176,9 @@ def test_cli_sensitivity_and_max_drop_bad_input(small_run, synth_small, tmp_path
     r = run_cli("quantize", str(small_run / "fp32.onnx"), "--out", str(tmp_path / "a.onnx"), "--data",
                 str(synth_small), "--max-drop", "-1")
     assert r.returncode == 2 and "must be a number of mAP50-95 points" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("quantize", str(small_run / "fp32.onnx"), "--out", str(tmp_path / "dir"), "--data",
+                str(synth_small), "--max-drop", "0.3")
+    assert r.returncode == 2 and "is not an .onnx file path" in r.stderr and not (tmp_path / "dir").exists()
     r = run_cli("quantize", str(small_run / "fp32.onnx"), "--out", str(tmp_path / "a.onnx"), "--calib",
                 calib, "--max-float", "2")
     assert r.returncode == 2 and "--max-float only applies with --max-drop" in r.stderr

@@ -61,6 +61,8 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
     if data is None:
         raise QbenchError("--max-drop needs --data: the budget is measured on its scoring split.")
     out = Path(out_onnx)
+    if out.suffix.lower() != ".onnx" or out.is_dir():  # checked before minutes of quantizing and scoring
+        raise QbenchError(f"output '{out}' is not an .onnx file path; pass one like {out.parent / 'int8.onnx'}.")
     budget = max_drop / 100.0
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qbench-mixed-") as td:
