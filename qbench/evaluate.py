@@ -9,8 +9,6 @@ the numbers agree with `yolo val ... rect=False` on the same settings.
 
 from __future__ import annotations
 
-import math
-
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -40,6 +38,39 @@ class EvalSettings:
     limit: int | None = None  # evaluate only the first N images (smoke tests)
 
 
+def nms(raw: np.ndarray, conf: float, iou: float, max_det: int, max_nms: int = 30000, max_wh: int = 7680) -> list:
+    """Per image, the kept detections (n, 6: x1 y1 x2 y2 score class) of raw (B, 4 + nc, anchors) outputs.
+
+    This is ultralytics' `non_max_suppression` (class-aware, multi-label, as `yolo val` calls it), always with its
+    pure-torch kernel `TorchNMS.nms`. ultralytics itself switches to `torchvision.ops.nms` as soon as anything in the
+    process has imported torchvision (ultralytics' trainer does), and the two order boxes of EQUAL score
+    differently. INT8 scores tie a lot (a pow2 model's 100 candidates in an image take about 20 distinct scores), so
+    the same INT8 model scored up to 0.5 points of mAP50-95 apart depending on what ran before in the process.
+    Also without ultralytics' time limit, which gave up on the rest of a batch after 2 s + 0.05 s per image and
+    silently dropped their detections on a busy machine.
+    """
+    import torch
+    from ultralytics.utils.nms import TorchNMS
+    from ultralytics.utils.ops import xywh2xyxy
+
+    out = []
+    for x in torch.from_numpy(raw).transpose(-1, -2):  # (anchors, 4 + nc) per image
+        nc = x.shape[1] - 4
+        x = x[x[:, 4:].amax(1) > conf]
+        box, cls = xywh2xyxy(x[:, :4]), x[:, 4:]
+        if nc > 1:  # every class above conf is a detection
+            i, j = torch.where(cls > conf)
+            d = torch.cat((box[i], cls[i, j, None], j[:, None].float()), 1)
+        else:
+            score, j = cls.max(1, keepdim=True)
+            d = torch.cat((box, score, j.float()), 1)[score.view(-1) > conf]
+        if len(d) > max_nms:
+            d = d[d[:, 4].argsort(descending=True)[:max_nms]]
+        keep = TorchNMS.nms(d[:, :4] + d[:, 5:6] * max_wh, d[:, 4], iou)[:max_det]
+        out.append(d[keep])
+    return out
+
+
 def evaluate(model: str | Path | Detector, data: str | Path, settings: EvalSettings = EvalSettings(),
              progress: bool = False) -> dict:
     """Evaluate `model` (.onnx / .pt path, or an open Detector) on a split of `data`; returns the metrics dict."""
@@ -47,7 +78,6 @@ def evaluate(model: str | Path | Detector, data: str | Path, settings: EvalSetti
 
     import qbench.ultra  # noqa: F401  (ultralytics offline)
     from ultralytics.engine.validator import BaseValidator
-    from ultralytics.utils import nms
     from ultralytics.utils.metrics import DetMetrics, box_iou
 
     spec = load_data_yaml(data, require=(settings.split,))
@@ -88,10 +118,7 @@ def evaluate(model: str | Path | Detector, data: str | Path, settings: EvalSetti
             raw = det.forward(to_input([it[0] for it in items]))
             t_inf += time.perf_counter() - t
             t = time.perf_counter()
-            # max_time_img=inf: ultralytics' NMS otherwise gives up on the rest of a batch after 2 s + 0.05 s per
-            # image and silently drops their detections, so a busy machine scored the same model lower
-            preds = nms.non_max_suppression(torch.from_numpy(raw), settings.conf, settings.iou, nc=0,
-                                            multi_label=True, max_det=settings.max_det, max_time_img=math.inf)
+            preds = nms(raw, settings.conf, settings.iou, settings.max_det)
             for i, (_, geo), pred in zip(chunks[k], items, preds):
                 lab = labels[i]
                 tcls = torch.from_numpy(lab[:, 0])

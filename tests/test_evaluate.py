@@ -96,3 +96,41 @@ def test_real_gtsdb4_smoke(default_onnx):
     r = evaluate(default_onnx, GTSDB4, EvalSettings(limit=8, batch=8))
     assert r["data"]["images"] == 8 and r["data"]["instances"] > 0
     assert 0.0 <= r["metrics"]["mAP50-95"] <= 1.0
+
+
+NMS_PROBE = """
+import math, sys
+import numpy as np, torch
+from qbench.evaluate import nms
+from ultralytics.utils import nms as unms
+
+rng = np.random.default_rng(0)
+raw = np.zeros((2, 4 + 3, 600), np.float32)
+centers = rng.uniform(40, 280, (12, 2))
+k = rng.integers(0, 12, 600)
+raw[:, 0:2] = (centers[k] + rng.normal(0, 3, (600, 2))).T  # clusters of overlapping boxes
+raw[:, 2:4] = rng.uniform(20, 30, (2, 2, 600))
+raw[:, 4:] = rng.integers(1, 9, (2, 3, 600)) / 8  # few distinct scores: ties, as INT8 outputs have
+same = lambda u, v: all(torch.equal(a, b) for a, b in zip(u, v))
+ours = nms(raw, 0.001, 0.7, 300)
+assert "torchvision" not in sys.modules
+call = lambda: unms.non_max_suppression(torch.from_numpy(raw), 0.001, 0.7, nc=0, multi_label=True, max_det=300,
+                                        max_time_img=math.inf)
+reference = call()
+import torchvision  # noqa: F401  (what ultralytics' trainer does; ultralytics then switches NMS kernels)
+print(same(ours, reference), same(ours, nms(raw, 0.001, 0.7, 300)), same(reference, call()))
+"""
+
+
+def test_nms_does_not_depend_on_what_the_process_imported():
+    """The same outputs give the same detections whether or not torchvision was imported earlier in the process
+    (ultralytics' NMS switches kernels then, and the two break ties between equal scores differently)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", NMS_PROBE], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours_is_ultralytics_torch_kernel, ours_stable, ultralytics_stable = r.stdout.split()
+    assert ours_is_ultralytics_torch_kernel == "True"
+    assert ours_stable == "True"
+    assert ultralytics_stable == "False"  # the probe does exercise ties that the two kernels break differently
