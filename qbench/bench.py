@@ -296,7 +296,8 @@ def bench_engines(weights: str | Path, data: str | Path, calib: str | Path, out:
     Compressor's accuracy-aware tuning (`quantize_inc`), both scored and timed by `compare` against FP32 in one
     table, with the int8 convolutions of each optimized graph counted. An INC failure is reported in the table and
     the benchmark goes on with the ORT engine."""
-    from .compare import compare
+    from .compare import ci_text, compare
+    from .quantize.recipe import load_recipe, short_name
     from .errors import QbenchError
     from .models.export import export_onnx
     from .quantize import quantize_ort
@@ -312,7 +313,8 @@ def bench_engines(weights: str | Path, data: str | Path, calib: str | Path, out:
         fp32 = export_onnx(weights, tmp / "fp32.onnx")
         t = time.perf_counter()
         q = quantize_ort(fp32, tmp / "ort" / "int8.onnx", recipe, calib, progress=progress)
-        engines["int8_ort"] = {"engine": f"onnxruntime {q['onnxruntime']} static QDQ, recipe {q['recipe_source']}",
+        engines["int8_ort"] = {"engine": f"onnxruntime {q['onnxruntime']} static QDQ, recipe "
+                                         f"{short_name(load_recipe(recipe))}",
                                "seconds": round(time.perf_counter() - t, 1),
                                "int8_convs": q["qlinear_ops"].get("QLinearConv", 0), "status": "ok"}
         models = {"int8_ort": tmp / "ort" / "int8.onnx"}
@@ -342,17 +344,18 @@ def bench_engines(weights: str | Path, data: str | Path, calib: str | Path, out:
              f"Reproduce: `{command}`" if command else "", "",
              f"`{weights}` on `{data}` ({c['evaluations']['fp32']['data']['images']} {c['settings']['split']} images, "
              f"imgsz {c['settings']['imgsz']}, {c['threads']} threads); calibration `{calib}`.", "",
-             "| model | engine | mAP50-95 | Δ mAP50-95 | int8 convs (ORT-optimized graph) | batch-1 ms | vs FP32 | "
-             "quantize s |", "|---|---|---|---|---|---|---|---|",
-             f"| fp32 | — | {f['metrics']['mAP50-95']:.4f} | — | 0 | {f['latency']['batch1_median_ms']:.1f} | 1.00x | — |"]
+             "| model | engine | mAP50-95 | Δ mAP50-95 | Δ 95% CI | int8 convs (ORT-optimized graph) | batch-1 ms | "
+             "vs FP32 | quantize s |", "|---|---|---|---|---|---|---|---|---|",
+             f"| fp32 | — | {f['metrics']['mAP50-95']:.4f} | — | — | 0 | {f['latency']['batch1_median_ms']:.1f} | "
+             "1.00x | — |"]
     for k, e in engines.items():
         if k in rows:
             r = rows[k]
             lines.append(f"| {k} | {e['engine']} | {r['metrics']['mAP50-95']:.4f} | {r['delta']['mAP50-95']:+.4f} | "
-                         f"{e['int8_convs']} | {r['latency']['batch1_median_ms']:.1f} | {r['speedup_batch1']:.2f}x | "
+                         f"{ci_text(r)} | {e['int8_convs']} | {r['latency']['batch1_median_ms']:.1f} | {r['speedup_batch1']:.2f}x | "
                          f"{e['seconds']:.0f} |")
         else:
-            lines.append(f"| {k} | {e['engine']} | — | — | — | — | — | {e['seconds']:.0f} ({e['status']}) |")
+            lines.append(f"| {k} | {e['engine']} | — | — | — | — | — | — | {e['seconds']:.0f} ({e['status']}) |")
     failed = [k for k, e in engines.items() if e["status"] != "ok"]
     if failed:
         lines += ["", "Failed: " + "; ".join(f"{k}: {engines[k]['status']}" for k in failed)

@@ -376,6 +376,11 @@ def qat(
     for name, row in r["compare"]["table"].items():
         typer.echo(f"  {name}: mAP50-95 {row['mAP50-95']:.4f} ({row['delta_mAP50-95']:+.4f}), "
                    f"batch-1 {row['batch1_median_ms']:.1f} ms ({row['speedup_batch1']:.2f}x)")
+    c = r["compare"]
+    if c.get("recovered_fraction") is not None:
+        lo, hi = c["qat_minus_ptq_ci95"]
+        typer.echo(f"QAT gives back {100 * c['recovered_fraction']:.0f}% of the PTQ loss; QAT - PTQ "
+                   f"{c['qat_minus_ptq']:+.4f} (95% CI over the images [{lo:+.4f}, {hi:+.4f}])")
     k, m = r["kernels"], r["onnx_vs_torch"]
     typer.echo(f"{k['QLinearConv']} of {k['quantized_convs']} quantized convs run as QLinearConv; QAT ONNX vs "
                f"PyTorch fake-quant: {m['ort_optimized']['sqnr_db']:.1f} dB SQNR; wrote {out}/qat.json")

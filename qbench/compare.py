@@ -22,7 +22,7 @@ import numpy as np
 
 from .data.dataset import image_files, load_data_yaml, read_image
 from .data.preprocess import letterbox, to_input
-from .evaluate import EvalSettings, evaluate
+from .evaluate import EvalSettings, delta_interval, evaluate
 from .runtime import Detector, default_threads, open_model
 
 METRICS = ("precision", "recall", "mAP50", "mAP50-95")
@@ -67,13 +67,18 @@ def measure_latency(dets: dict[str, Detector], sample: np.ndarray, batch: int = 
 
 
 def compare(fp32: str | Path, int8: str | Path | None, data: str | Path, settings: EvalSettings = EvalSettings(),
-            progress: bool = False, extra: dict[str, Path] | None = None, rounds: int = 20) -> dict:
-    """Evaluate FP32, INT8 (and any `extra` models; int8 None: only those) the same way; deltas are against FP32."""
+            progress: bool = False, extra: dict[str, Path] | None = None, rounds: int = 20,
+            keep_stats: bool = False) -> dict:
+    """Evaluate FP32, INT8 (and any `extra` models; int8 None: only those) the same way; deltas are against FP32.
+
+    keep_stats: also return every model's per-image matches under "image_stats" (not JSON; for `delta_interval`
+    between two of the models)."""
     models = {"fp32": Path(fp32), **({"int8": Path(int8)} if int8 is not None else {}),
               **{k: Path(v) for k, v in (extra or {}).items()}}
     threads = settings.threads or default_threads()
     dets = {k: open_model(p, threads) for k, p in models.items()}  # one session per model, for both uses
-    results = {k: evaluate(det, data, settings, progress=progress) for k, det in dets.items()}
+    results = {k: evaluate(det, data, settings, progress=progress, keep_stats=True) for k, det in dets.items()}
+    stats = {k: r.pop("image_stats") for k, r in results.items()}
     spec = load_data_yaml(data, require=(settings.split,))
     imgsz = results["fp32"]["settings"]["imgsz"]
     img, _ = letterbox(read_image(image_files(spec, settings.split)[0]), imgsz)
@@ -85,6 +90,8 @@ def compare(fp32: str | Path, int8: str | Path | None, data: str | Path, setting
             "model": str(models[k]),
             "metrics": r["metrics"],
             "delta": {m: r["metrics"][m] - base["metrics"][m] for m in METRICS},
+            # paired bootstrap over the images: what these images can resolve (see evaluate.delta_interval)
+            "delta_ci95": {"mAP50-95": None if k == "fp32" else delta_interval(stats["fp32"], stats[k])},
             "per_class": [{"class": c["class"], "mAP50-95": c["mAP50-95"],
                            "delta_mAP50-95": (None if c["mAP50-95"] is None or b["mAP50-95"] is None
                                               else c["mAP50-95"] - b["mAP50-95"])}
@@ -94,8 +101,11 @@ def compare(fp32: str | Path, int8: str | Path | None, data: str | Path, setting
         }
     for k in rows:
         rows[k]["speedup_batch1"] = round(latency["fp32"]["batch1_median_ms"] / latency[k]["batch1_median_ms"], 3)
-    return {"data": base["data"], "settings": base["settings"], "threads": threads, "models": rows,
-            "evaluations": results}
+    out = {"data": base["data"], "settings": base["settings"], "threads": threads, "models": rows,
+           "evaluations": results}
+    if keep_stats:
+        out["image_stats"] = stats
+    return out
 
 
 def compare_profiles(fp32: str | Path, data: str | Path, calib: str | os.PathLike | Sequence,
@@ -158,20 +168,28 @@ def quantize_variants(fp32: str | Path, calib, variants: dict, root: Path, progr
     return models, info
 
 
+def ci_text(row: dict) -> str:
+    """'[-0.0246, +0.0021]' for a compare row with a bootstrap interval, '—' otherwise (FP32, older files)."""
+    ci = (row.get("delta_ci95") or {}).get("mAP50-95")
+    return "—" if not ci else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
 def compare_md(c: dict) -> str:
     s = c["settings"]
     b = f"batch{s['batch']}_images_per_s"
     lines = [f"{c['data']['images']} images of `{c['data']['yaml']}` ({c['data']['split']}), imgsz {s['imgsz']}, "
              f"conf {s['conf']}, iou {s['iou']}, {c['threads']} threads.", "",
-             f"| model | P | R | mAP50 | mAP50-95 | Δ mAP50-95 | batch-1 ms (median) | speedup | "
+             f"| model | P | R | mAP50 | mAP50-95 | Δ mAP50-95 | Δ 95% CI | batch-1 ms (median) | speedup | "
              f"batch-{s['batch']} img/s | size MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in c["models"].items():
         m, lat = r["metrics"], r["latency"]
         d = "—" if k == "fp32" else f"{r['delta']['mAP50-95']:+.4f}"
         lines.append(f"| {k} | {m['precision']:.3f} | {m['recall']:.3f} | {m['mAP50']:.4f} | {m['mAP50-95']:.4f} | "
-                     f"{d} | {lat['batch1_median_ms']:.1f} | {r['speedup_batch1']:.2f}x | {lat[b]:.1f} | "
-                     f"{r['size_mb']:.1f} |")
+                     f"{d} | {ci_text(r)} | {lat['batch1_median_ms']:.1f} | {r['speedup_batch1']:.2f}x | "
+                     f"{lat[b]:.1f} | {r['size_mb']:.1f} |")
+    lines += ["", "Δ 95% CI: paired bootstrap over the images (200 resamples); an interval holding 0 is a difference "
+              "these images do not resolve."]
     names = [p["class"] for p in c["models"]["fp32"]["per_class"]]
     lines += ["", "| class | " + " | ".join(f"{k} mAP50-95" for k in c["models"]) + " |",
               "|---|" + "---|" * len(c["models"])]

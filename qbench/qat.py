@@ -621,18 +621,22 @@ def qat(weights: str | os.PathLike, data: str | os.PathLike, out: str | os.PathL
     cmp = None
     if evaluate:
         from .compare import compare
-        from .evaluate import EvalSettings
+        from .evaluate import EvalSettings, delta_interval
 
         t = time.time()
         c = compare(out / "fp32.onnx", out / "ptq" / "int8.onnx", data, EvalSettings(limit=eval_limit),
-                    progress=progress, extra={"qat": qat_int8})
+                    progress=progress, extra={"qat": qat_int8}, keep_stats=True)
+        stats = c.pop("image_stats")
         seconds["compare"] = round(time.time() - t, 1)
         rows = c["models"]
         f, p, q = (rows[k]["metrics"]["mAP50-95"] for k in ("fp32", "int8", "qat"))
         cmp = {"table": {k: {"mAP50": r["metrics"]["mAP50"], "mAP50-95": r["metrics"]["mAP50-95"],
                              "delta_mAP50-95": r["delta"]["mAP50-95"], "batch1_median_ms": r["latency"]
-                             ["batch1_median_ms"], "speedup_batch1": r["speedup_batch1"], "size_mb": r["size_mb"]}
+                             ["batch1_median_ms"], "speedup_batch1": r["speedup_batch1"], "size_mb": r["size_mb"],
+                             "delta_ci95_mAP50-95": r["delta_ci95"]["mAP50-95"]}
                          for k, r in rows.items()},
+               # paired bootstrap over the val images of QAT - PTQ: whether the gain is resolved at all
+               "qat_minus_ptq": q - p, "qat_minus_ptq_ci95": delta_interval(stats["int8"], stats["qat"]),
                "ptq_drop": f - p, "qat_drop": f - q,
                "recovered_fraction": (q - p) / (f - p) if f - p > 0 else None,
                "threads": c["threads"], "settings": c["settings"]}

@@ -134,3 +134,26 @@ def test_nms_does_not_depend_on_what_the_process_imported():
     assert ours_is_ultralytics_torch_kernel == "True"
     assert ours_stable == "True"
     assert ultralytics_stable == "False"  # the probe does exercise ties that the two kernels break differently
+
+
+def test_delta_interval_resolves_a_real_loss_and_not_a_null_one(default_onnx, synth_val):
+    """Paired bootstrap of the mAP50-95 difference: a model against itself gives exactly [0, 0]; the same model
+    with every detection removed from half of the images is resolved as worse (interval below 0, around the
+    measured difference)."""
+    from qbench.evaluate import _map5095, delta_interval
+
+    r = evaluate(default_onnx, synth_val, EvalSettings(limit=60), keep_stats=True)
+    stats = r.pop("image_stats")
+    assert len(stats) == 60
+    json.dumps(r)  # the rest stays JSON
+    everything = np.arange(len(stats))
+    assert abs(_map5095(stats, everything) - r["metrics"]["mAP50-95"]) < 1e-9
+    assert delta_interval(stats, stats) == [0.0, 0.0]
+    blind = [(tp[:0], conf[:0], pcls[:0], tcls) if i % 2 else (tp, conf, pcls, tcls)
+             for i, (tp, conf, pcls, tcls) in enumerate(stats)]
+    d = _map5095(blind, everything) - _map5095(stats, everything)
+    lo, hi = delta_interval(stats, blind, resamples=100)
+    assert d < -0.2
+    assert lo <= d <= hi < 0
+    with pytest.raises(ValueError, match="same images"):
+        delta_interval(stats, stats[:-1])

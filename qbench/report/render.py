@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import QbenchError
+from ..compare import ci_text
 from . import plots
 
 _NUMERIC = re.compile(r"^[-+]?(\d|—|inf)")  # numbers (and the "—" placeholder) are right-aligned
@@ -90,13 +91,13 @@ def _fmt(v, digits=4, signed=False):
 def _accuracy_table(run: dict) -> tuple[list[str], list[list[str]]]:
     c = run["compare"]
     b = f"batch{c['settings']['batch']}_images_per_s"
-    head = ["model", "P", "R", "mAP50", "mAP50-95", "Δ mAP50-95", "batch-1 ms", "speedup", f"batch-{c['settings']['batch']} img/s",
-            "MB"]
+    head = ["model", "P", "R", "mAP50", "mAP50-95", "Δ mAP50-95", "Δ 95% CI", "batch-1 ms", "speedup",
+            f"batch-{c['settings']['batch']} img/s", "MB"]
     rows = []
     for k, r in c["models"].items():
         m, lat = r["metrics"], r["latency"]
         rows.append([k, _fmt(m["precision"], 3), _fmt(m["recall"], 3), _fmt(m["mAP50"]), _fmt(m["mAP50-95"]),
-                     "—" if k == "fp32" else _fmt(r["delta"]["mAP50-95"], signed=True),
+                     "—" if k == "fp32" else _fmt(r["delta"]["mAP50-95"], signed=True), ci_text(r),
                      _fmt(lat["batch1_median_ms"], 1), f"{r['speedup_batch1']:.2f}x", _fmt(lat.get(b), 1),
                      _fmt(r["size_mb"], 1)])
     return head, rows
