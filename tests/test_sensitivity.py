@@ -132,6 +132,9 @@ def test_max_drop_met_without_fallback_writes_the_all_int8_model(small_run, synt
     m = evaluate(out, synth_small)["metrics"]["mAP50-95"]
     assert m == pytest.approx(r["int8_mAP50-95"], abs=1e-5)
     assert r["drop_points"]["int8"] > 1.0  # the clipping recipe does lose accuracy here
+    lo, hi = r["drop_points_ci95"]["int8"]
+    assert lo <= hi and r["drop_points_ci95"]["mixed"] == [lo, hi]  # no layer fell back: the same model
+    assert r["mixed_minus_int8_points_ci95"] == [0.0, 0.0]
 
 
 def test_max_drop_falls_back_layers_or_says_it_cannot(small_run, synth_small, clipping, tmp_path):

@@ -32,10 +32,16 @@ from ..progress import bar
 DEFAULT_MAX_FLOAT_FRACTION = 0.10  # at most this share of the quantized convs go back to FP32 by default
 
 
-def _score(model_path: Path, data, settings) -> float:
+def _score(model_path: Path, data, settings) -> tuple[float, list]:
+    """mAP50-95 on the scoring split, and the per-image matches for `delta_interval`."""
     from ..evaluate import evaluate
 
-    return float(evaluate(model_path, data, settings)["metrics"]["mAP50-95"])
+    r = evaluate(model_path, data, settings, keep_stats=True)
+    return float(r["metrics"]["mAP50-95"]), r["image_stats"]
+
+
+def _points(interval: list) -> list:
+    return [round(100 * v, 3) for v in interval]
 
 
 def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, recipe, calib,
@@ -47,7 +53,7 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
     import onnx
 
     from ..analysis.sensitivity import layer_sensitivity, ranking, write_sensitivity
-    from ..evaluate import EvalSettings
+    from ..evaluate import EvalSettings, delta_interval
     from .fallback import conv_layers, keep_float
     from .ort_engine import RECIPE_FILE, _calib_paths, quantize_ort
 
@@ -77,8 +83,9 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
             raise QbenchError(f"--max-float {limit!r} must be a whole number of layers >= 0.")
         trials_cap = max_trials if max_trials is not None else 2 * limit + top_k
 
-        fp32_map = _score(Path(fp32_onnx), data, settings)
-        int8_map = _score(q_all, data, settings)
+        fp32_map, fp32_stats = _score(Path(fp32_onnx), data, settings)
+        int8_map, int8_stats = _score(q_all, data, settings)
+        best_stats = int8_stats
         trials = [{"float_layers": [], "mAP50-95": round(int8_map, 5), "drop_points": round(100 * (fp32_map - int8_map), 3),
                    "kept": True}]
         chosen: list[str] = []
@@ -95,13 +102,13 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
                     if fp32_map - best_map <= budget or len(chosen) >= limit:
                         break
                     onnx.save(keep_float(qmodel, fmodel, [*chosen, name]), str(cand))
-                    m = _score(cand, data, settings)
+                    m, m_stats = _score(cand, data, settings)
                     kept = m > best_map
                     trials.append({"float_layers": [*chosen, name], "mAP50-95": round(m, 5),
                                    "drop_points": round(100 * (fp32_map - m), 3), "kept": kept})
                     if kept:
                         chosen.append(name)
-                        best_map = m
+                        best_map, best_stats = m, m_stats
                     advance(1)
         met = fp32_map - best_map <= budget
         rows = {r["layer"]: r for r in sens["layers"]} if sens else {}
@@ -113,6 +120,11 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
             "int8_mAP50-95": round(int8_map, 5),
             "mixed_mAP50-95": round(best_map, 5),
             "drop_points": {"int8": round(100 * (fp32_map - int8_map), 3), "mixed": round(100 * (fp32_map - best_map), 3)},
+            # 95% intervals (points, paired bootstrap over the images; evaluate.delta_interval): how much of the
+            # mixed model's gain over all-INT8 these images resolve
+            "drop_points_ci95": {"int8": _points(delta_interval(int8_stats, fp32_stats)),
+                                 "mixed": _points(delta_interval(best_stats, fp32_stats))},
+            "mixed_minus_int8_points_ci95": _points(delta_interval(int8_stats, best_stats)),
             "quantized_convs": n_layers,
             "max_float_layers": limit,
             "float_layers": [{"layer": n, "why": _why(rows.get(n), trials, n)} for n in chosen],
