@@ -80,6 +80,10 @@ def test_inc_model_is_int8_in_ort_and_close_to_fp32(inc_run):
         a, b = det.forward(x).ravel(), ref.forward(x).ravel()
         cos = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
         assert cos > 0.99, cos
+    # the ONNX agrees with INC's own PyTorch model on a real calibration image (int8 kernels vs PT2E's reference)
+    c = report["check"]
+    print("INC ONNX vs torch:", c)
+    assert c["image"].endswith(".jpg") and c["sqnr_db_onnx_vs_torch"] > 20, c
     # the report is what the tuning did
     t = report["tuning"]
     assert len(t["trials"]) == 1 and t["chosen"]["w_dtype"] == "int8" and t["chosen"]["act_dtype"] == "uint8"

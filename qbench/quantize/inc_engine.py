@@ -55,7 +55,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import QbenchError
-from ..files import stage_onnx
+from ..files import display_path, stage_onnx
 
 LOG = logging.getLogger("qbench")
 
@@ -114,6 +114,11 @@ def _calib_paths(calib, n: int) -> list[Path]:
     if not paths:
         raise IncError("the calibration set is empty; pass a manifest or at least one image.")
     return paths[:n]
+
+
+def _sqnr_db(ref: np.ndarray, test: np.ndarray) -> float | None:
+    noise = float(np.mean((ref.astype(np.float64) - test) ** 2))
+    return round(float(10 * np.log10(float(np.mean(ref.astype(np.float64) ** 2)) / noise)), 2) if noise > 0 else None
 
 
 def _image_batches(paths, imgsz: int):
@@ -488,8 +493,9 @@ def quantize_inc(weights: str | Path, fp32_onnx: str | Path, out_onnx: str | Pat
     if best is None:
         raise IncError(f"INC autotune returned no model for '{weights}'; raise max_trials or tolerable_loss.")
     chosen = _config_dict(best)
+    probe = next(_image_batches(paths[:1], imgsz))  # a real image: an all-zero one says little about agreement
     with torch.no_grad():
-        y_torch = best(example)
+        y_torch = best(probe)
     y_torch = (y_torch[0] if isinstance(y_torch, (list, tuple)) else y_torch).numpy()
 
     import onnx
@@ -519,7 +525,7 @@ def quantize_inc(weights: str | Path, fp32_onnx: str | Path, out_onnx: str | Pat
         so = ort.SessionOptions()
         so.log_severity_level = 3
         sess = ort.InferenceSession(str(staged), so, providers=["CPUExecutionProvider"])
-        y_onnx = sess.run(None, {sess.get_inputs()[0].name: example.numpy()})[0]
+        y_onnx = sess.run(None, {sess.get_inputs()[0].name: probe.numpy()})[0]
         if y_onnx.shape != y_torch.shape or not np.isfinite(y_onnx).all():
             raise IncError(f"the INC ONNX model gives output {y_onnx.shape}, expected {y_torch.shape}.")
         del sess
@@ -546,5 +552,10 @@ def quantize_inc(weights: str | Path, fp32_onnx: str | Path, out_onnx: str | Pat
                   "clips_folded": folded["clips"], "float_weight_quantizers_left": left,
                   "qlinearconv": ops.get("QLinearConv", 0),
                   "optimized_op_counts": dict(sorted(ops.items()))},
-        "check": {"max_abs_diff_onnx_vs_torch": float(np.abs(y_onnx - y_torch).max())},
+        # ONNX (ORT int8 kernels) vs INC's PyTorch model on the first calibration image: boxes (pixels) and
+        # class scores, as SQNR over the whole output and the largest differences
+        "check": {"image": display_path(paths[0]),
+                  "sqnr_db_onnx_vs_torch": _sqnr_db(y_torch, y_onnx),
+                  "max_abs_box_px": float(np.abs(y_onnx[:, :4] - y_torch[:, :4]).max()),
+                  "max_abs_score": float(np.abs(y_onnx[:, 4:] - y_torch[:, 4:]).max())},
     }
