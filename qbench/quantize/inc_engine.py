@@ -55,6 +55,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import QbenchError
+from ..analysis.stats import sqnr_db
 from ..files import display_path, stage_onnx
 
 LOG = logging.getLogger("qbench")
@@ -114,11 +115,6 @@ def _calib_paths(calib, n: int) -> list[Path]:
     if not paths:
         raise IncError("the calibration set is empty; pass a manifest or at least one image.")
     return paths[:n]
-
-
-def _sqnr_db(ref: np.ndarray, test: np.ndarray) -> float | None:
-    noise = float(np.mean((ref.astype(np.float64) - test) ** 2))
-    return round(float(10 * np.log10(float(np.mean(ref.astype(np.float64) ** 2)) / noise)), 2) if noise > 0 else None
 
 
 def _image_batches(paths, imgsz: int):
@@ -555,7 +551,9 @@ def quantize_inc(weights: str | Path, fp32_onnx: str | Path, out_onnx: str | Pat
         # ONNX (ORT int8 kernels) vs INC's PyTorch model on the first calibration image: boxes (pixels) and
         # class scores, as SQNR over the whole output and the largest differences
         "check": {"image": display_path(paths[0]),
-                  "sqnr_db_onnx_vs_torch": _sqnr_db(y_torch, y_onnx),
+                  "sqnr_db_onnx_vs_torch": round(sqnr_db(float(np.mean(np.square(y_torch, dtype=np.float64))),
+                                                         float(np.mean(np.square(y_torch - y_onnx, dtype=np.float64)))),
+                                                 2),
                   "max_abs_box_px": float(np.abs(y_onnx[:, :4] - y_torch[:, :4]).max()),
                   "max_abs_score": float(np.abs(y_onnx[:, 4:] - y_torch[:, 4:]).max())},
     }
