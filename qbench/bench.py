@@ -297,10 +297,10 @@ def bench_engines(weights: str | Path, data: str | Path, calib: str | Path, out:
     table, with the int8 convolutions of each optimized graph counted. An INC failure is reported in the table and
     the benchmark goes on with the ORT engine."""
     from .compare import ci_text, compare
-    from .quantize.recipe import load_recipe, short_name
     from .errors import QbenchError
     from .models.export import export_onnx
     from .quantize import quantize_ort
+    from .quantize.recipe import load_recipe, short_name
     from .quantize.inc_engine import quantize_inc
 
     weights, data, out = Path(weights), Path(data), Path(out)
@@ -352,7 +352,8 @@ def bench_engines(weights: str | Path, data: str | Path, calib: str | Path, out:
         if k in rows:
             r = rows[k]
             lines.append(f"| {k} | {e['engine']} | {r['metrics']['mAP50-95']:.4f} | {r['delta']['mAP50-95']:+.4f} | "
-                         f"{ci_text(r)} | {e['int8_convs']} | {r['latency']['batch1_median_ms']:.1f} | {r['speedup_batch1']:.2f}x | "
+                         f"{ci_text(r)} | {e['int8_convs']} | {r['latency']['batch1_median_ms']:.1f} | "
+                         f"{r['speedup_batch1']:.2f}x | "
                          f"{e['seconds']:.0f} |")
         else:
             lines.append(f"| {k} | {e['engine']} | — | — | — | — | — | — | {e['seconds']:.0f} ({e['status']}) |")

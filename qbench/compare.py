@@ -22,7 +22,7 @@ import numpy as np
 
 from .data.dataset import image_files, load_data_yaml, read_image
 from .data.preprocess import letterbox, to_input
-from .evaluate import EvalSettings, delta_interval, evaluate
+from .evaluate import RESAMPLES, EvalSettings, delta_interval, evaluate
 from .runtime import Detector, default_threads, open_model
 
 METRICS = ("precision", "recall", "mAP50", "mAP50-95")
@@ -188,8 +188,8 @@ def compare_md(c: dict) -> str:
         lines.append(f"| {k} | {m['precision']:.3f} | {m['recall']:.3f} | {m['mAP50']:.4f} | {m['mAP50-95']:.4f} | "
                      f"{d} | {ci_text(r)} | {lat['batch1_median_ms']:.1f} | {r['speedup_batch1']:.2f}x | "
                      f"{lat[b]:.1f} | {r['size_mb']:.1f} |")
-    lines += ["", "Δ 95% CI: paired bootstrap over the images (200 resamples); an interval holding 0 is a difference "
-              "these images do not resolve."]
+    lines += ["", f"Δ 95% CI: paired bootstrap over the images ({RESAMPLES} resamples); an interval holding 0 is a "
+              "difference these images do not resolve."]
     names = [p["class"] for p in c["models"]["fp32"]["per_class"]]
     lines += ["", "| class | " + " | ".join(f"{k} mAP50-95" for k in c["models"]) + " |",
               "|---|" + "---|" * len(c["models"])]

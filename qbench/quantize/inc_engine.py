@@ -54,8 +54,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import QbenchError
 from ..analysis.stats import sqnr_db
+from ..errors import QbenchError
 from ..files import display_path, stage_onnx
 
 LOG = logging.getLogger("qbench")
@@ -524,6 +524,8 @@ def quantize_inc(weights: str | Path, fp32_onnx: str | Path, out_onnx: str | Pat
         y_onnx = sess.run(None, {sess.get_inputs()[0].name: probe.numpy()})[0]
         if y_onnx.shape != y_torch.shape or not np.isfinite(y_onnx).all():
             raise IncError(f"the INC ONNX model gives output {y_onnx.shape}, expected {y_torch.shape}.")
+        agreement_db = sqnr_db(float(np.mean(np.square(y_torch, dtype=np.float64))),
+                               float(np.mean(np.square(y_torch - y_onnx, dtype=np.float64))))
         del sess
         export_s = time.perf_counter() - t_export
         os.replace(stage_onnx(proto, out), out)
@@ -551,9 +553,7 @@ def quantize_inc(weights: str | Path, fp32_onnx: str | Path, out_onnx: str | Pat
         # ONNX (ORT int8 kernels) vs INC's PyTorch model on the first calibration image: boxes (pixels) and
         # class scores, as SQNR over the whole output and the largest differences
         "check": {"image": display_path(paths[0]),
-                  "sqnr_db_onnx_vs_torch": round(sqnr_db(float(np.mean(np.square(y_torch, dtype=np.float64))),
-                                                         float(np.mean(np.square(y_torch - y_onnx, dtype=np.float64)))),
-                                                 2),
+                  "sqnr_db_onnx_vs_torch": round(agreement_db, 2),
                   "max_abs_box_px": float(np.abs(y_onnx[:, :4] - y_torch[:, :4]).max()),
                   "max_abs_score": float(np.abs(y_onnx[:, 4:] - y_torch[:, 4:]).max())},
     }

@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 
 from .. import __version__
-from ..errors import QbenchError
 from ..compare import ci_text
+from ..errors import QbenchError
 from . import plots
 
 _NUMERIC = re.compile(r"^[-+]?(\d|—|inf)")  # numbers (and the "—" placeholder) are right-aligned
