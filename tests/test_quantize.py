@@ -99,6 +99,8 @@ def test_recipe_unknown_key_and_bad_values(tmp_path):
         "num_bins: 64": ("'num_bins'", "entropy, percentile, distribution"),
         "method: distribution\nnum_bins: 128": ("'num_bins'", "from 512"),
         "exclude: [1, 2]": ("'exclude'", "glob patterns"),
+        "equalize: 2": ("'equalize'", "from 0 (off) to 1"),
+        "equalize: half": ("'equalize'", "from 0 (off) to 1"),
     }
     for text, (key, allowed) in cases.items():
         f.write_text(text + "\n")
@@ -419,3 +421,50 @@ def test_plain_ultralytics_dynamic_export(calib, tmp_path):
     report = quantize_ort(f, tmp_path / "q" / "int8.onnx", "default", calib, imgsz=IMGSZ)
     assert report["head"]["decode_op_types"]["Shape"] >= 3 and report["head"]["qdq_in_decode"] == []
     assert report["qlinear_ops"]["QLinearConv"] == 63
+
+
+def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from qbench.calibration import CalibrationReader, load_manifest
+    from qbench.models.export import export_onnx
+    from qbench.quantize.equalize import channel_ranges, equalize, find_chains
+    from qbench.quantize.ort_engine import EQUALIZED_META
+
+    fp32 = export_onnx(REPO / "results/training/synth-l3-leaky-320/weights/best.pt", tmp_path / "fp32.onnx",
+                       imgsz=96)
+    model = onnx.load(str(fp32))
+    chains = find_chains(model)
+    assert len(chains) > 15 and all(a.op_type == "Conv" and act.op_type == "LeakyRelu" and b.op_type == "Conv"
+                                    for a, act, b in chains)
+    _, paths = load_manifest(calib)
+    name = model.graph.input[0].name
+    tensors = [a.output[0] for a, _, _ in chains]
+    before = channel_ranges(model, tensors, CalibrationReader(paths, 96, name), 8)
+    rep = equalize(model, CalibrationReader(paths, 96, name), alpha=1.0, images=8)
+    assert rep["chains"] == len(rep["layers"]) == len(chains) and rep["images"] == 8
+    after = channel_ranges(model, tensors, CalibrationReader(paths, 96, name), 8)
+    for t in tensors:  # alpha 1: every channel of the calibration images reaches the tensor's range
+        assert np.isclose(after[t].max(), before[t].max(), rtol=1e-3)
+        assert np.median(after[t] / after[t].max()) > 0.99 > np.median(before[t] / before[t].max())
+    x = CalibrationReader(paths[8:10], 96, name).get_next()
+    y0 = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    y1 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(y1, y0, rtol=1e-3, atol=1e-2 * np.abs(y0).max())  # the same function in float
+
+    rec = load_recipe("default").replace(equalize=0.5, calib_size=12)
+    r = quantize_ort(fp32, tmp_path / "int8.onnx", rec, calib)
+    assert r["equalize"]["chains"] == len(chains) and r["qlinear_ops"]["QLinearConv"] > 50
+    q = onnx.load(str(tmp_path / "int8.onnx"))
+    assert {p.key: p.value for p in q.metadata_props}[EQUALIZED_META] == "0.5"
+    with pytest.raises(QbenchError, match="precomputed ranges"):
+        quantize_ort(fp32, tmp_path / "x.onnx", rec, None, ranges=tmp_path / "ranges.json")
+    from qbench.quantize.fallback import conv_layers, keep_float
+
+    with pytest.raises(QbenchError, match="equalize"):  # float fallback would mix rescaled and original weights
+        keep_float(q, onnx.load(str(fp32)), conv_layers(q)[:1])
+    from qbench.quantize.mixed import quantize_max_drop
+
+    with pytest.raises(QbenchError, match="equalize"):
+        quantize_max_drop(fp32, tmp_path / "m.onnx", rec, calib, data=calib, max_drop=0.3)

@@ -147,6 +147,13 @@ def bypass(qmodel, edges, fp32_model=None):
     """A copy of `qmodel` whose `edges` ((node name, input index)) read float instead of a DequantizeLinear."""
     from onnx import numpy_helper
 
+    from ..errors import QbenchError
+    from .ort_engine import EQUALIZED_META
+
+    if fp32_model is not None and any(p.key == EQUALIZED_META for p in qmodel.metadata_props):
+        raise QbenchError("this INT8 model was quantized with 'equalize' (its float weights are rescaled), so its "
+                          "layers cannot take the FP32 model's weights; use a recipe with 'equalize: 0' for "
+                          "sensitivity and --max-drop.")
     m = copy.deepcopy(qmodel)
     g = m.graph
     ix = _Index(g)

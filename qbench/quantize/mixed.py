@@ -66,6 +66,12 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
         raise QbenchError(f"--max-drop {max_drop} is more than 100 points of mAP50-95; pass points, e.g. 0.3.")
     if data is None:
         raise QbenchError("--max-drop needs --data: the budget is measured on its scoring split.")
+    from .recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    if rec.equalize > 0:  # checked before minutes of quantizing: float fallback needs the FP32 model's weights
+        raise QbenchError(f"recipe {rec.name}: --max-drop keeps layers in FP32 with the FP32 model's weights, "
+                          f"which 'equalize' rescales; set 'equalize: 0'.")
     out = Path(out_onnx)
     if out.suffix.lower() != ".onnx" or out.is_dir():  # checked before minutes of quantizing and scoring
         raise QbenchError(f"output '{out}' is not an .onnx file path; pass one like {out.parent / 'int8.onnx'}.")

@@ -77,6 +77,7 @@ LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueez
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
 RECIPE_FILE = "recipe.yaml"
+EQUALIZED_META = "qbench_equalize"  # metadata of an INT8 model whose float weights were equalized (recipe key)
 
 
 # --------------------------------------------------------------------------- graph helpers
@@ -568,6 +569,9 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
     paths = _calib_paths(calib_paths) if ranges is None or calib_paths is not None else []
     if ranges is not None:
         ranges = Path(ranges)
+        if recipe.equalize > 0:
+            raise QbenchError(f"recipe {recipe.name}: 'equalize' rescales the float weights from calibration images, "
+                              f"so it cannot reuse precomputed ranges; set 'equalize: 0' or drop the ranges.")
         if not ranges.is_file():
             raise QbenchError(f"ranges file '{ranges}' does not exist; write one with save_ranges (or drop ranges and "
                               "pass a calibration set).")
@@ -631,6 +635,15 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
             onnx.save(pmodel, str(pre))
         seconds["preprocess"] = time.perf_counter() - t
         head = find_head(pmodel, src)  # checked even when keep_head_float is off: it proves this is a detector
+        equalized = None
+        if recipe.equalize > 0:
+            from .equalize import MAX_IMAGES, equalize
+
+            t = time.perf_counter()
+            eq_reader = CalibrationReader(used[:MAX_IMAGES], imgsz, info["input_name"], batch=1)
+            equalized = equalize(pmodel, eq_reader, recipe.equalize)
+            onnx.save(pmodel, str(pre))
+            seconds["equalize"] = time.perf_counter() - t
         excluded, forced, unmatched = _resolve_exclusions(pmodel, head if recipe.keep_head_float else None, recipe)
         for kind, pats in unmatched.items():
             for pat in pats:
@@ -689,6 +702,8 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         del qmodel.metadata_props[:]
         extra_meta = {"qbench_quant_engine": f"onnxruntime {ort.__version__} static QDQ",
                       "qbench_quant_method": recipe.method, "qbench_quant_version": __version__}
+        if equalized is not None:
+            extra_meta[EQUALIZED_META] = str(recipe.equalize)
         for k, v in [*meta.items(), *keep, *extra_meta.items()]:
             e = qmodel.metadata_props.add()
             e.key, e.value = k, str(v)
@@ -740,6 +755,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
                 if recipe.keep_head_float else
                 {"kept_float": False, "branch_convs": head.branch_convs},
         "constraints": constraints,
+        "equalize": equalized,
         "excluded": excluded,
         "forced_in": forced,
         "unmatched_patterns": unmatched,

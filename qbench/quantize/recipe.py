@@ -36,6 +36,10 @@ Keys (defaults in brackets):
                          its activation (LeakyRelu, Relu, Clip, PRelu, HardSwish, SiLU's Sigmoid and Mul) is
                          removed when that Conv output feeds nothing else
                     unfused: every activation requantized separately, Relu/Clip included
+  equalize          activation-range equalization exponent in [0, 1] for Conv -> LeakyRelu/Relu -> Conv chains
+                    (qbench/quantize/equalize.py): channel c of the first Conv is divided by
+                    (r_c / max r) ** equalize and the second Conv's input channel multiplied by it (the same
+                    function in float); 0 = off. Not with precomputed ranges or --max-drop/sensitivity  [0]
 
 Note on percentile: ONNX Runtime's percentile calibrator builds the histogram of
 |x| and takes a symmetric threshold, then clamps it to the observed min/max, so a
@@ -96,6 +100,7 @@ class Recipe:
     keep_head_float: bool = True
     pow2_scales: bool = False
     activation_fusion: str = "ort"
+    equalize: float = 0.0
     name: str = field(default="custom", compare=False)  # where it came from, for messages; not a YAML key
 
     # ---- derived values the engine uses
@@ -227,6 +232,12 @@ def recipe_from_dict(data: dict, name: str = "custom", kind: str = "recipe") -> 
     r["exclude"] = _patterns(label, "exclude", d.get("exclude"))
     r["include"] = _patterns(label, "include", d.get("include"))
     r["activation_fusion"] = _choice(label, "activation_fusion", d.get("activation_fusion", "ort"), FUSIONS)
+    eq = d.get("equalize", 0.0)
+    if eq is False or eq is None:
+        eq = 0.0
+    if isinstance(eq, bool) or not isinstance(eq, (int, float)) or not math.isfinite(eq) or not 0 <= eq <= 1:
+        raise QbenchError(f"{label}: 'equalize' is {eq!r}; allowed: a number from 0 (off) to 1, e.g. 0.5.")
+    r["equalize"] = float(eq)
     _check_pow2(label, r)
     return Recipe(**r, name=name)
 
