@@ -365,6 +365,13 @@ def qat(
     workers: int = typer.Option(2),
     u8: bool = typer.Option(True, "--u8/--no-u8", help="Write int8 activations as uint8 with zero point +128 (the "
                             "same numbers; fast x86 kernels)."),
+    learn_ranges: bool = typer.Option(False, "--learn-ranges/--freeze-ranges", help="Learn each activation scale "
+                                      "(from its PTQ value; powers of two under pow2 profiles) or keep the PTQ "
+                                      "scales."),
+    range_lr: float = typer.Option(1e-2, help="Learning rate of the log2 activation scales (--learn-ranges)."),
+    seed: int = typer.Option(0, help="Training seed (augmentation, data order); the run is deterministic for a seed."),
+    distill: float = typer.Option(0.0, help="Weight of a distillation loss from the FP32 model (its class scores "
+                                  "and box distributions) added to the detection loss; 0 = off."),
 ):
     """QAT fine-tuning with fake quantization matching a PTQ recipe/profile; exports a QDQ INT8 ONNX and scores
     FP32 / PTQ / QAT in one table (qat.json)."""
@@ -372,7 +379,8 @@ def qat(
 
     r = run_qat(weights, data, out, recipe=recipe, profile=profile, fusion=fusion, calib=calib_manifest,
                 epochs=epochs, imgsz=imgsz, batch=batch, lr0=lr0, device=device, workers=workers, u8_activations=u8,
-                progress=True)
+                learn_ranges=learn_ranges, range_lr=range_lr, distill=distill, progress=True,
+                **({"seed": seed} if seed else {}))
     for name, row in r["compare"]["table"].items():
         typer.echo(f"  {name}: mAP50-95 {row['mAP50-95']:.4f} ({row['delta_mAP50-95']:+.4f}), "
                    f"batch-1 {row['batch1_median_ms']:.1f} ms ({row['speedup_batch1']:.2f}x)")
@@ -381,6 +389,10 @@ def qat(
         lo, hi = c["qat_minus_ptq_ci95"]
         typer.echo(f"QAT gives back {100 * c['recovered_fraction']:.0f}% of the PTQ loss; QAT - PTQ "
                    f"{c['qat_minus_ptq']:+.4f} (95% CI over the images [{lo:+.4f}, {hi:+.4f}])")
+    a = r["activation_ranges"]
+    if a["learned_tensors"]:
+        typer.echo(f"learned activation scales: {a['changed_from_ptq']} of {a['learned_tensors']} moved from their "
+                   f"PTQ value")
     k, m = r["kernels"], r["onnx_vs_torch"]
     typer.echo(f"{k['QLinearConv']} of {k['quantized_convs']} quantized convs run as QLinearConv; QAT ONNX vs "
                f"PyTorch fake-quant: {m['ort_optimized']['sqnr_db']:.1f} dB SQNR; wrote {out}/qat.json")

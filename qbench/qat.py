@@ -4,7 +4,9 @@
 already there, so re-running the same command after an interruption resumes):
 
 1. `fp32.onnx`: the FP32 export of `weights`; `ptq/`: ONNX Runtime static PTQ of it with the recipe + profile
-   (`quantize_ort`), which also saves the calibrated activation ranges (`ptq/ranges.json`).
+   (`quantize_ort`), which also saves the calibrated activation ranges (`ptq/ranges.json`). With recipe key
+   `equalize`, fp32.onnx is the equalized export and `equalize.json` holds the scales, which the PyTorch model
+   gets too (`qbench.quantize.equalize.equalize_torch`) before the fake quantization goes in.
 2. fake quantization read FROM THAT PTQ GRAPH (`prepare_qat`): the ultralytics model is fused (Conv+BN folded, so
    the fake-quantized weights are the deployed ones) and
    - every Conv the PTQ graph quantizes becomes a `QConv2d` (same class layout, same state_dict): its input is
@@ -16,13 +18,17 @@ already there, so re-running the same command after an interruption resumes):
      residual Add, a Concat layer) gets an `OutputFakeQuant` forward hook with its PTQ scale/zero point;
    - tensors that only pass through with their input's quantizer (Split, MaxPool, Resize) need nothing, and
      tensors read only by quantized Convs (C2f's inner Concat, the image) are fake-quantized at those Convs' inputs.
-   Activation quantizers are frozen at the PTQ values (pow2 and symmetric constraints included); the DFL conv and
-   the decode stay float, as in the PTQ graph. Gradients pass straight through (STE).
+   Each activation tensor is fake-quantized once (a conv whose input another module already quantizes skips its
+   own input quantizer). With `learn_ranges` (the default) each of those quantizers learns its scale, LSQ-style:
+   a log2 scale parameter initialised at the PTQ value, its exponent rounded to an integer under pow2 profiles
+   (zero point and int range stay the PTQ ones, so symmetric stays symmetric); otherwise they stay frozen at the
+   PTQ values. The DFL conv and the decode stay float, as in the PTQ graph. Gradients pass straight through (STE).
 3. `train/`: fine-tuning with ultralytics' DetectionTrainer (its loss, augmentation, LR schedule, EMA, validation),
    checkpointing `train/weights/last.pt` every epoch; an interrupted run resumes from it on the next call.
 4. `qat.pt` (the trained model with the fake quantizers stripped: a plain fused ultralytics checkpoint),
-   `qat-fp32.onnx` (its FP32 export), `qat/int8.onnx` (quantize_ort with the PTQ ranges, so every activation scale
-   equals the fake-quant model's and only the weights changed).
+   `qat-fp32.onnx` (its FP32 export), `qat/int8.onnx` (quantize_ort with the PTQ ranges, or with
+   `qat/ranges.json`, the ranges that give back the learned scales exactly: every activation scale equals the
+   fake-quant model's, which is checked).
 5. checks and scores: the QAT INT8 ONNX against the PyTorch fake-quant model on a few val images, the int8 kernels
    ORT fused, and FP32 / PTQ / QAT through `qbench.compare.compare` (one evaluation path, latency interleaved);
    `qat.json` is written last (atomically): a folder with qat.json is a finished run.
@@ -53,7 +59,10 @@ LOG = logging.getLogger("qbench")
 QAT_JSON = "qat.json"
 DONE = "done.json"  # written into train/ when fine-tuning finished (ultralytics strips last.pt's epoch at the end)
 SESSIONS = "sessions.json"  # one entry per training call: epochs run, seconds, device
+EQUALIZE_JSON = "equalize.json"  # the scales of recipe key `equalize`, applied to fp32.onnx and the PyTorch model
+SETTINGS = "qat_settings.json"  # the fine-tuning settings ultralytics' train_args cannot hold, checked on resume
 MATCH_IMAGES = 4
+RANGE_LR = 1e-2  # AdamW step of a log2 activation scale: crossing to the next power of two takes ~50 steps
 PASS_THROUGH = frozenset({"Split", "MaxPool", "Resize", "Reshape", "Transpose", "Slice", "Identity", "Flatten",
                           "Squeeze", "Unsqueeze", "Gather"})
 HOOKED_OUTPUTS = {"Add": ("Bottleneck",), "Concat": ("Concat",)}  # op -> ultralytics module classes ending in it
@@ -85,13 +94,70 @@ def _ste_round_to(x, scale, lo=None, hi=None):
     return x + (q * scale - x).detach()
 
 
+RANGE_PARAM = "qat_log2_scale"  # the learned log2 activation scale a module owns (registered: EMA, optimizer, ckpt)
+IN_RANGE_PARAM = "qat_in_log2_scale"  # a QConv2d's input scale, when no other module quantizes that tensor
+
+
+def learned_scale(log2_scale, pow2: bool):
+    """2 ** log2_scale; under pow2 profiles the exponent is rounded to an integer (gradient straight through)."""
+    import torch
+
+    e = log2_scale + (torch.round(log2_scale) - log2_scale).detach() if pow2 else log2_scale
+    return torch.exp2(e)
+
+
+def _lfq(x, log2_scale, q: tuple, pow2: bool):
+    """Fake quantization with a learned scale (LSQ gradient for the scale; zero point and int range fixed)."""
+    import torch
+
+    s = learned_scale(log2_scale, pow2).to(x.dtype)
+    zp = torch.zeros_like(s) + float(q[1])
+    return torch._fake_quantize_learnable_per_tensor_affine(x, s, zp, q[2], q[3], 1.0)
+
+
+def _range_param_log2(e: float):
+    import torch
+
+    return nn.Parameter(torch.tensor([e], dtype=torch.float32))
+
+
+def _sym_qrange(recipe) -> tuple[float, float]:
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+    qt = TensorProto.INT8 if recipe.activation_type == "int8" else TensorProto.UINT8
+    return tuple(float(v) for v in get_qmin_qmax_for_qType(qt, symmetric=True))
+
+
+def _ort_scale(lo: float, hi: float, recipe, q) -> float:
+    """The scale ORT's quantizer computes from a calibrated range (before any pow2 rounding)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if recipe.activation_symmetric:
+        qmin, qmax = _sym_qrange(recipe)
+        return 2 * max(-lo, hi) / (qmax - qmin)
+    return (hi - lo) / (q.qmax - q.qmin)
+
+
+def read_ranges(path) -> dict:
+    """{tensor: (min, max)} of a ranges file written by quantize_ort(save_ranges=...)."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    return {t: (float(np.asarray(d.range_value[0]).reshape(-1)[0]), float(np.asarray(d.range_value[1]).reshape(-1)[0]))
+            for t, d in load_tensors_data(path).data.items()}
+
+
 
 
 class QConv2d(nn.Conv2d):
     """A Conv2d (class swapped in place, same parameters and state_dict) that computes what ORT's QDQ Conv does.
 
     Attributes (plain Python values, so half() and EMA leave them alone): in_q / out_q per-tensor quantizers
-    (scale, zero_point, qmin, qmax) or None, per_channel, pow2, quant_bias, onnx_node (the Conv in the PTQ graph).
+    (scale, zero_point, qmin, qmax) or None, per_channel, pow2, quant_bias, onnx_node (the Conv in the PTQ graph),
+    in_fq (False when the module producing the input already fake-quantizes it).
+    With learned ranges, parameters `qat_in_log2_scale` / `qat_log2_scale` replace the scales of in_q / out_q
+    (their zero points and int ranges stay), and the bias is rounded to the grid learned input scale x weight
+    scale: `in_scale_of` = (module, parameter name) holding the learned scale of this conv's input (a plain
+    reference, not a submodule, so state_dict/EMA see the parameter once).
     """
 
     in_q: tuple | None = None
@@ -100,6 +166,8 @@ class QConv2d(nn.Conv2d):
     pow2: bool = False
     quant_bias: bool = True
     onnx_node: str = ""
+    in_fq: bool = True
+    in_scale_of: tuple | None = None
 
     def weight_scale(self):
         import torch
@@ -113,27 +181,39 @@ class QConv2d(nn.Conv2d):
     def forward(self, x):
         import torch.nn.functional as F
 
-        if self.in_q is not None:
-            x = _fq(x, self.in_q)
+        ps = self._parameters
+        if self.in_q is not None and self.in_fq:
+            lp = ps.get(IN_RANGE_PARAM)
+            x = _fq(x, self.in_q) if lp is None else _lfq(x, lp, self.in_q, self.pow2)
         s = self.weight_scale().to(self.weight.dtype)
         w = _ste_round_to(self.weight, s.reshape(-1, 1, 1, 1), -127, 127)
         b = self.bias
         if b is not None and self.quant_bias and self.in_q is not None:
-            b = _ste_round_to(b, (s.float() * self.in_q[0]).to(b.dtype))
+            if self.in_scale_of is None:
+                s_in = self.in_q[0]
+            else:
+                owner, name = self.in_scale_of
+                s_in = learned_scale(owner._parameters[name].detach().float(), self.pow2)
+            b = _ste_round_to(b, (s.float() * s_in).to(b.dtype))
         y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
         if self.out_q is not None:
-            y = _fq(y, self.out_q)
+            lp = ps.get(RANGE_PARAM)
+            y = _fq(y, self.out_q) if lp is None else _lfq(y, lp, self.out_q, self.pow2)
         return y
 
 
 class OutputFakeQuant:
-    """Forward hook: fake-quantize a module's output with a frozen PTQ quantizer (picklable, no tensors)."""
+    """Forward hook: fake-quantize a module's output with its PTQ quantizer (picklable, no tensors), or, when the
+    module owns a `qat_log2_scale` parameter, with that learned scale (PTQ zero point and int range)."""
 
-    def __init__(self, q: tuple, tensor: str):
-        self.q, self.tensor = tuple(q), tensor
+    pow2: bool = False
+
+    def __init__(self, q: tuple, tensor: str, pow2: bool = False):
+        self.q, self.tensor, self.pow2 = tuple(q), tensor, pow2
 
     def __call__(self, module, inputs, output):
-        return _fq(output, self.q)
+        lp = module._parameters.get(RANGE_PARAM)
+        return _fq(output, self.q) if lp is None else _lfq(output, lp, self.q, self.pow2)
 
     def __repr__(self):
         return f"OutputFakeQuant({self.tensor}, scale={self.q[0]:.6g}, zp={self.q[1]}, [{self.q[2]}, {self.q[3]}])"
@@ -147,9 +227,11 @@ def strip_qat(model):
     """Remove every fake quantizer in place (QConv2d -> nn.Conv2d, hooks dropped); returns the model."""
     for m in model.modules():
         if isinstance(m, QConv2d):
-            for k in ("in_q", "out_q", "per_channel", "pow2", "quant_bias", "onnx_node"):
+            for k in ("in_q", "out_q", "per_channel", "pow2", "quant_bias", "onnx_node", "in_fq", "in_scale_of"):
                 m.__dict__.pop(k, None)
             m.__class__ = nn.Conv2d
+        for k in (RANGE_PARAM, IN_RANGE_PARAM):
+            m._parameters.pop(k, None)
         for k, h in list(m._forward_hooks.items()):
             if isinstance(h, OutputFakeQuant):
                 del m._forward_hooks[k]
@@ -198,11 +280,21 @@ def _qparams_of(init: dict, scale_name: str, zp_name: str | None) -> tuple:
     return (scale, int(np.asarray(zp).reshape(-1)[0]) if zp is not None else 0, lo, hi)
 
 
-def prepare_qat(model, qmodel, recipe) -> dict:
+def prepare_qat(model, qmodel, recipe, learn_ranges: bool = False, calibrated: dict | None = None) -> dict:
     """Insert fake quantization into a FUSED ultralytics DetectionModel, in place, from the PTQ QDQ graph `qmodel`.
 
-    Returns the placement: quantized convs (with their scales), hooked tensors, tensors covered otherwise, and
-    `unmapped` (quantized tensors the torch model does not reproduce; empty for YOLO C2f/SPPF/Detect models).
+    learn_ranges: every activation tensor quantized in exactly one place gets a learned log2 scale (a parameter
+    `qat_log2_scale` / `qat_in_log2_scale` of the module that quantizes it, initialised at the PTQ scale; integer
+    exponents under pow2 profiles); otherwise the PTQ quantizers stay frozen.
+    calibrated: {tensor: (min, max)}, the PTQ calibration ranges (`read_ranges`). Under pow2 a learned exponent
+    then starts where the calibrated scale lies inside the interval that rounds to its PTQ power of two
+    (log2(calibrated scale) + 1/2, since PTQ rounds up), not at its centre: a scale that the rounding up
+    nearly doubled is a small step from the power below.
+
+    Returns the placement: quantized convs (with their scales), hooked tensors, tensors covered otherwise,
+    `learned` (tensor -> module and parameter, with learn_ranges), `pass_through_of` (tensor -> the tensor whose
+    quantizer it shares) and `unmapped` (quantized tensors the torch model does not reproduce; empty for YOLO
+    C2f/SPPF/Detect models).
     """
     from onnx import numpy_helper
 
@@ -220,12 +312,21 @@ def prepare_qat(model, qmodel, recipe) -> dict:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     aq = activation_quantizers(qmodel)
+    pow2 = bool(recipe.pow2_scales)
+
+    def log2_init(t: str, scale: float):
+        e = float(np.log2(scale))
+        if pow2 and calibrated and t in calibrated:
+            raw = _ort_scale(*calibrated[t], recipe, aq[t].qparams)
+            if raw > 0:
+                e = float(np.clip(np.log2(raw) + 0.5, e - 0.49, e + 0.49))
+        return _range_param_log2(e)
 
     def dq_of(t):
         p = producer.get(t)
         return p if p is not None and p.op_type == "DequantizeLinear" else None
 
-    convs, covered_by_conv, problems = [], set(), []
+    convs, covered_by_conv, problems, conv_mods = [], set(), [], []
     for n in g.node:
         if n.op_type != "Conv" or len(n.input) < 2:
             continue
@@ -246,10 +347,12 @@ def prepare_qat(model, qmodel, recipe) -> dict:
         mod.quant_bias = len(n.input) > 2 and dq_of(n.input[2]) is not None
         mod.onnx_node = n.name
         q = producer.get(x_dq.input[0])
-        covered_by_conv.add(q.input[0] if q is not None and q.op_type == "QuantizeLinear" else x_dq.input[0])
+        in_t = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else x_dq.input[0]
+        covered_by_conv.add(in_t)
+        conv_mods.append((path, mod, in_t, n.output[0]))
         convs.append({"node": n.name, "module": path, "input_scale": in_q[0], "input_zero_point": in_q[1],
                       "output_quantized": mod.out_q is not None, "bias_quantized": mod.quant_bias})
-    hooked, passthrough, at_conv_input, unmapped = [], [], [], []
+    hooked, passthrough, at_conv_input, unmapped, learned, pass_of = [], [], [], [], {}, {}
     conv_nodes = {c["node"] for c in convs}
     q_out = {n.input[0]: n.output[0] for n in g.node if n.op_type == "QuantizeLinear"}
     for t, a in aq.items():
@@ -268,8 +371,11 @@ def prepare_qat(model, qmodel, recipe) -> dict:
             elif node.op_type in HOOKED_OUTPUTS and type(mod).__name__ in HOOKED_OUTPUTS[node.op_type]:
                 target = (path, mod)
         if target is not None:
-            target[1].register_forward_hook(OutputFakeQuant(qp, t))
+            target[1].register_forward_hook(OutputFakeQuant(qp, t, bool(recipe.pow2_scales)))
             hooked.append({"tensor": t, "module": target[0], "scale": qp[0], "zero_point": qp[1]})
+            if learn_ranges:
+                target[1].register_parameter(RANGE_PARAM, log2_init(t, qp[0]))
+                learned[t] = {"module": target[0], "param": RANGE_PARAM}
             continue
         if node is not None and node.op_type in PASS_THROUGH:
             src = node.input[0]
@@ -278,6 +384,7 @@ def prepare_qat(model, qmodel, recipe) -> dict:
             src_t = src_q.input[0] if src_q is not None and src_q.op_type == "QuantizeLinear" else None
             if src_t in aq and aq[src_t].qparams == a.qparams:
                 passthrough.append(t)
+                pass_of[t] = src_t
                 continue
         readers = [c for dq in consumers.get(q_out.get(t, ""), []) if dq.op_type == "DequantizeLinear"
                    for c in consumers.get(dq.output[0], [])]
@@ -287,24 +394,118 @@ def prepare_qat(model, qmodel, recipe) -> dict:
         unmapped.append({"tensor": t, "producer": a.producer_node, "consumers": a.consumers})
     if problems:
         raise RuntimeError(f"the PTQ graph's convs do not map onto the PyTorch model: {problems[:3]}")
+    # a conv whose input another module already fake-quantizes (a hooked output, a quantized conv output, or a
+    # tensor passing those through) skips its own input quantizer: the same numbers (frozen) or the same learned
+    # scale (learned ranges), quantized once
+    upstream = {h["tensor"] for h in hooked} | {o for _, m, _, o in conv_mods if m.out_q is not None}
+
+    def root(t):
+        while t in pass_of:
+            t = pass_of[t]
+        return t
+
+    readers_of: dict[str, int] = {}
+    for _, _, t, _ in conv_mods:
+        readers_of[t] = readers_of.get(t, 0) + 1
+    for path, mod, t, o in conv_mods:
+        if root(t) in upstream:
+            mod.in_fq = False
+        elif learn_ranges and t in at_conv_input and readers_of[t] == 1:
+            mod.register_parameter(IN_RANGE_PARAM, log2_init(t, mod.in_q[0]))
+            learned[t] = {"module": path, "param": IN_RANGE_PARAM}
+        if learn_ranges and mod.out_q is not None:
+            mod.register_parameter(RANGE_PARAM, log2_init(o, mod.out_q[0]))
+            learned[o] = {"module": path, "param": RANGE_PARAM}
+    for _, mod, t, _ in conv_mods:  # the bias grid follows the learned scale of the conv's input
+        where = learned.get(root(t))
+        if where is not None:
+            mod.in_scale_of = (model.get_submodule(where["module"]), where["param"])
     return {"quantized_convs": len(convs), "hooked_outputs": len(hooked), "pass_through": len(passthrough),
             "at_conv_inputs": len(at_conv_input), "unmapped": unmapped, "convs": convs, "hooks": hooked,
+            "learned": learned, "pass_through_of": pass_of,
+            "inputs_quantized_upstream": sum(not m.in_fq for _, m, _, _ in conv_mods),
             "activation_tensors": len(aq), "weights": {"per_channel": bool(recipe.per_channel),
                                                        "pow2": bool(recipe.pow2_scales)}}
 
 
 # --------------------------------------------------------------------------- ultralytics trainer
-def _trainer_class():
+class DistillLoss:
+    """ultralytics' detection loss plus `weight` x a distillation term from the FP32 model on the same batch.
+
+    The term pulls the fake-quant model's raw head outputs towards the FP32 model's: class scores by the binary KL
+    divergence from the FP32 sigmoid scores (normalised by their sum, as ultralytics normalises its class loss),
+    and each box side's DFL distribution by the KL divergence from the FP32 one, weighted per anchor by the FP32
+    top class score. Both models see the same augmented images; the labels still drive the detection loss.
+    A plain object (not an nn.Module), so the teacher is no parameter of the student, its EMA or the optimizer.
+    """
+
+    def __init__(self, base, teacher, weight: float):
+        self.base, self.teacher, self.weight = base, teacher, float(weight)
+
+    def __getattr__(self, name):  # the trainer calls criterion.update() etc. when the base loss has them
+        if name in ("base", "teacher", "weight") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __call__(self, preds, batch):
+        import torch
+        import torch.nn.functional as F
+
+        loss, items = self.base(preds, batch)
+        p = self.base.parse_output(preds)
+        if not isinstance(p, dict) or "scores" not in p or "boxes" not in p:
+            raise QbenchError("--distill supports detection heads whose training output has 'boxes' and 'scores' "
+                              "(YOLOv8/11-style Detect); this model's has not.")
+        with torch.no_grad():
+            t = self.base.parse_output(self.teacher(batch["img"]))
+        t_logit = t["scores"].float()
+        t_cls = t_logit.sigmoid()
+        bce = F.binary_cross_entropy_with_logits  # minus the FP32 scores' own entropy: a KL divergence, 0 at a match
+        cls = (bce(p["scores"].float(), t_cls, reduction="sum") - bce(t_logit, t_cls, reduction="sum")) \
+            / t_cls.sum().clamp(min=1)
+        b, c, n = p["boxes"].shape
+        s_log = p["boxes"].float().reshape(b, 4, c // 4, n).log_softmax(2)
+        t_log = t["boxes"].float().reshape(b, 4, c // 4, n).log_softmax(2)
+        kl = (t_log.exp() * (t_log - s_log)).sum(2).sum(1)  # (b, n): the four sides of each anchor
+        w = t_cls.amax(1)
+        dfl = (kl * w).sum() / w.sum().clamp(min=1e-6)
+        extra = self.weight * (cls + dfl) * b  # ultralytics sums the loss vector (box, cls, dfl): add it once
+        return loss + extra / loss.numel(), items
+
+
+def _trainer_class(range_lr: float, teacher=None, distill: float = 0.0):
     from . import ultra  # noqa: F401
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     class QATTrainer(DetectionTrainer):
-        """DetectionTrainer that trains the fake-quant model it is given (or, on resume, the checkpoint's)."""
+        """DetectionTrainer that trains the fake-quant model it is given (or, on resume, the checkpoint's); learned
+        activation ranges get their own parameter group (lr `range_lr`, no weight decay, same LR schedule)."""
 
         def get_model(self, cfg=None, weights=None, verbose=True):
             if weights is not None and is_prepared(weights):
                 return weights  # resume: the checkpoint holds the fake-quant model itself
             raise RuntimeError("QATTrainer needs a prepared model (trainer.model) or a QAT checkpoint to resume")
+
+        def _setup_train(self):
+            super()._setup_train()
+            if distill > 0:  # after the EMA copy: the EMA and the checkpoints never hold the teacher
+                m = self.model.module if hasattr(self.model, "module") else self.model
+                teacher.to(self.device).eval()
+                for p in teacher.parameters():
+                    p.requires_grad_(False)
+                m.criterion = DistillLoss(m.init_criterion(), teacher, distill)
+
+        def build_optimizer(self, model, *args, **kwargs):
+            opt = super().build_optimizer(model, *args, **kwargs)
+            ranges = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in (RANGE_PARAM, IN_RANGE_PARAM)]
+            if ranges:
+                ids = {id(p) for p in ranges}
+                for group in opt.param_groups:
+                    group["params"] = [p for p in group["params"] if id(p) not in ids]
+                opt.add_param_group({**{k: v for k, v in opt.param_groups[0].items() if k != "params"},
+                                     "params": ranges, "lr": range_lr, "weight_decay": 0.0,
+                                     "param_group": "qat_ranges"})
+            return opt
 
     return QATTrainer
 
@@ -357,18 +558,35 @@ def _ptq_stage(weights: Path, data, out: Path, rec, calib, imgsz: int, u8: bool,
     from .quantize.ort_engine import quantize_ort
 
     fp32 = out / "fp32.onnx"
-    if not fp32.exists():
-        export_onnx(weights, fp32, imgsz=imgsz)
     ptq = out / "ptq" / "int8.onnx"
     ranges = out / "ptq" / "ranges.json"
     rep_path = out / "ptq" / "quantize.json"
-    if ptq.exists() and ranges.exists() and rep_path.exists():
+    if fp32.exists() and ptq.exists() and ranges.exists() and rep_path.exists() \
+            and (rec.equalize == 0 or (out / EQUALIZE_JSON).exists()):
         return _read_json(rep_path, {})
     if calib is None:
         from .data.dataset import image_files, load_data_yaml
 
         n = min(rec.calib_size, len(image_files(load_data_yaml(data, require=("train",)), "train")))
         calib = save_manifest(build_manifest(data, n, seed=0), out / "calibration.json")
+    if rec.equalize > 0:  # equalize the FP32 export once, here, so the PyTorch model can take the same scales
+        import onnx
+
+        from .calibration import CalibrationReader
+        from .quantize.equalize import MAX_IMAGES, equalize
+        from .quantize.ort_engine import _calib_paths
+
+        plain = out / "fp32-unequalized.onnx"
+        export_onnx(weights, plain, imgsz=imgsz)
+        m = onnx.load(str(plain))
+        reader = CalibrationReader(_calib_paths(calib)[:MAX_IMAGES], imgsz, m.graph.input[0].name)
+        eq = equalize(m, reader, rec.equalize)
+        onnx.save(m, str(fp32))
+        plain.unlink()
+        _atomic_write_text(out / EQUALIZE_JSON, json.dumps(eq, indent=2) + "\n")
+        rec = rec.replace(equalize=0.0)
+    elif not fp32.exists():
+        export_onnx(weights, fp32, imgsz=imgsz)
     rep = quantize_ort(fp32, ptq, rec, calib, imgsz=imgsz, progress=progress, save_ranges=ranges,
                        u8_activations=u8)
     _atomic_write_text(rep_path, json.dumps(rep, indent=2, default=str) + "\n")
@@ -376,7 +594,8 @@ def _ptq_stage(weights: Path, data, out: Path, rec, calib, imgsz: int, u8: bool,
 
 
 def _train_stage(model, weights: Path, data, out: Path, epochs: int, imgsz: int, batch: int, lr0: float,
-                 device: str, workers: int, callbacks: dict | None, overrides: dict) -> dict:
+                 range_lr: float, teacher, distill: float, device: str, workers: int, callbacks: dict | None,
+                 overrides: dict) -> dict:
     """Fine-tune (or resume); returns {"resumed_from_epoch", "sessions", "done"}."""
     import torch
 
@@ -386,7 +605,8 @@ def _train_stage(model, weights: Path, data, out: Path, epochs: int, imgsz: int,
     sessions = _read_json(tdir / SESSIONS, [])
     if done.exists():
         return {"resumed_from_epoch": None, "sessions": sessions, "skipped": True}
-    Trainer = _trainer_class()
+    Trainer = _trainer_class(range_lr, teacher, distill)
+    settings = {"distill": distill, **({"range_lr": range_lr} if _learned_params(model) else {})}
     resume_from = None
     if last.exists():
         ck = torch.load(last, map_location="cpu", weights_only=False)
@@ -394,8 +614,17 @@ def _train_stage(model, weights: Path, data, out: Path, epochs: int, imgsz: int,
         if ck_epochs != epochs:
             raise QbenchError(f"'{out}' holds an interrupted QAT run of {ck_epochs} epochs; re-run with --epochs "
                               f"{ck_epochs} to resume it, or choose another --out.")
+        ck_learned = bool(_learned_params(ck.get("ema") or ck["model"]))
+        if ck_learned != bool(_learned_params(model)):
+            flag = "--learn-ranges" if ck_learned else "--freeze-ranges"
+            raise QbenchError(f"'{out}' holds an interrupted QAT run with {'learned' if ck_learned else 'frozen'} "
+                              f"activation ranges; re-run with {flag} to resume it, or choose another --out.")
         resume_from = int(ck.get("epoch", -1)) + 1
         del ck
+        before = _read_json(tdir / SETTINGS, None)
+        if before is not None and before != settings:
+            raise QbenchError(f"'{out}' holds an interrupted QAT run with {before}; re-run with those settings to "
+                              f"resume it (now {settings}), or choose another --out.")
     args = dict(model=str(weights), data=str(Path(data).resolve()), epochs=epochs, imgsz=imgsz, batch=batch,
                 device=device, workers=workers, seed=0, deterministic=True, amp=False, plots=False,
                 project=str(out.resolve()), name="train", exist_ok=True, verbose=False,
@@ -405,6 +634,8 @@ def _train_stage(model, weights: Path, data, out: Path, epochs: int, imgsz: int,
                 close_mosaic=epochs)
     args.update(overrides)
     t0 = time.time()
+    tdir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(tdir / SETTINGS, json.dumps(settings) + "\n")
     if resume_from is not None and resume_from >= epochs:  # finished, but interrupted before the done marker
         trainer = None
     elif resume_from is not None and resume_from > 0:
@@ -441,6 +672,54 @@ def _fp32_checkpoints():
         yield
     finally:
         nn.Module.half = half
+
+
+def _learned_params(model) -> dict:
+    """{parameter name: parameter} of the learned activation ranges in a (fake-quant) model."""
+    return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in (RANGE_PARAM, IN_RANGE_PARAM)}
+
+
+def learned_scales(model, placement: dict, pow2: bool) -> dict:
+    """{activation tensor: learned scale} of a fake-quant model prepared with learn_ranges (see prepare_qat)."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for t, where in placement["learned"].items():
+            p = model.get_submodule(where["module"])._parameters[where["param"]]
+            out[t] = float(learned_scale(p.detach().float(), pow2).item())
+    return out
+
+
+def write_learned_ranges(src: Path, dst: Path, scales: dict, placement: dict, qparams: dict, recipe) -> dict:
+    """The PTQ ranges file `src` with each learned tensor's range set so that ORT's quantizer gives back exactly
+    its learned scale (and its PTQ zero point); tensors that share a learned tensor's quantizer (pass-through ops)
+    get the same range. Returns {tensor: expected scale} for every tensor changed."""
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, load_tensors_data, save_tensors_data
+
+    ranges = load_tensors_data(src)
+    data = dict(ranges.data)
+    sym_lo, sym_hi = _sym_qrange(recipe)
+    expected = {}
+    for t, s in scales.items():
+        if recipe.activation_symmetric:  # ORT: scale = 2 absmax / (qmax - qmin) of the symmetric int range
+            hi = np.float64(s) * (sym_hi - sym_lo) / 2
+            lo = -hi
+        else:  # ORT: scale = (rmax - rmin) / (qmax - qmin), zero point qmin - rmin / scale
+            _, zp, qmin, qmax = qparams[t]
+            lo, hi = (qmin - zp) * np.float64(s), (qmax - zp) * np.float64(s)
+        td = TensorData(lowest=np.array([lo], np.float32), highest=np.array([hi], np.float32))
+        data[t] = td
+        expected[t] = s
+    for t, src_t in placement["pass_through_of"].items():
+        r = src_t
+        while r in placement["pass_through_of"]:
+            r = placement["pass_through_of"][r]
+        if r in expected:
+            data[t] = data[r]
+            expected[t] = expected[r]
+    save_tensors_data(TensorsData(ranges.calibration_method, data), dst)
+    return expected
 
 
 def _last_epoch(tdir: Path) -> int:
@@ -538,8 +817,10 @@ def match_onnx(model, onnx_path: str | os.PathLike, data, imgsz: int, n: int = M
 def qat(weights: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, recipe: str | None = "default",
         profile: str | None = None, fusion: str | None = None, calib: str | os.PathLike | None = None,
         epochs: int = 3, imgsz: int | None = None, batch: int = 16, lr0: float = 1e-4, device: str = "cpu",
-        workers: int = 2, u8_activations: bool = True, evaluate: bool = True, eval_limit: int | None = None,
-        progress: bool = False, callbacks: dict | None = None, **train_overrides) -> dict:
+        workers: int = 2, u8_activations: bool = True, learn_ranges: bool = False, range_lr: float = RANGE_LR,
+        distill: float = 0.0,
+        evaluate: bool = True, eval_limit: int | None = None, progress: bool = False, callbacks: dict | None = None,
+        **train_overrides) -> dict:
     """Quantization-aware fine-tuning matching a PTQ recipe/profile, exported to an INT8 QDQ ONNX (see module doc).
 
     Re-running the same call after an interruption resumes (PTQ and export stages are skipped when their files
@@ -552,6 +833,10 @@ def qat(weights: str | os.PathLike, data: str | os.PathLike, out: str | os.PathL
 
     t_all = time.time()
     rec = _check_args(weights, data, out, epochs, recipe, profile, fusion, batch, lr0, device)
+    if not isinstance(range_lr, (int, float)) or isinstance(range_lr, bool) or not 0 < range_lr < 1:
+        raise QbenchError(f"range_lr {range_lr!r} must be a number between 0 and 1, e.g. {RANGE_LR}.")
+    if not isinstance(distill, (int, float)) or isinstance(distill, bool) or not 0 <= distill <= 100:
+        raise QbenchError(f"distill {distill!r} must be a weight between 0 (off) and 100, e.g. 1.")
     weights, out = Path(weights), Path(out)
     if (out / QAT_JSON).exists():
         raise QbenchError(f"'{out}' already holds a finished QAT run ({QAT_JSON}); choose another --out or delete it.")
@@ -572,15 +857,22 @@ def qat(weights: str | os.PathLike, data: str | os.PathLike, out: str | os.PathL
     qmodel = onnx.load(str(out / "ptq" / "int8.onnx"))
     model = copy.deepcopy(yolo.model).float()
     model.fuse(verbose=False)
-    placement = prepare_qat(model, qmodel, rec)
+    if rec.equalize > 0:  # the same rescaling as fp32.onnx, the model the PTQ graph was quantized from
+        from .quantize.equalize import equalize_torch
+
+        equalize_torch(model, _read_json(out / EQUALIZE_JSON, {}))
+        rec = rec.replace(equalize=0.0)  # the QAT export quantizes qat-fp32.onnx, which is equalized already
+    teacher = copy.deepcopy(model) if distill > 0 else None  # the FP32 model the fake-quant one is distilled from
+    placement = prepare_qat(model, qmodel, rec, learn_ranges=learn_ranges,
+                            calibrated=read_ranges(out / "ptq" / "ranges.json"))
     if placement["unmapped"]:
         LOG.warning(f"{len(placement['unmapped'])} quantized tensors of the PTQ graph have no fake quantizer in the "
                     f"PyTorch model: {[u['tensor'] for u in placement['unmapped'][:5]]}")
     del yolo
 
     t = time.time()
-    train_info = _train_stage(model, weights, data, out, epochs, imgsz, batch, lr0, str(device), workers, callbacks,
-                              train_overrides)
+    train_info = _train_stage(model, weights, data, out, epochs, imgsz, batch, lr0, range_lr, teacher, distill,
+                              str(device), workers, callbacks, train_overrides)
     seconds["train_this_call"] = round(time.time() - t, 1)
 
     tdir = out / "train"
@@ -598,17 +890,33 @@ def qat(weights: str | os.PathLike, data: str | os.PathLike, out: str | os.PathL
         export_onnx(plain_pt, qat_fp32, imgsz=imgsz)
     qat_int8 = out / "qat" / "int8.onnx"
     qat_rep_path = out / "qat" / "quantize.json"
+    a_ptq = activation_quantizers(qmodel)
+    ranges = out / "ptq" / "ranges.json"
+    expected = {}
+    if learn_ranges:  # the learned scales, written as the ranges ORT quantizes the QAT model with
+        (out / "qat").mkdir(exist_ok=True)
+        scales = learned_scales(trained, placement, bool(rec.pow2_scales))
+        expected = write_learned_ranges(ranges, out / "qat" / "ranges.json", scales, placement,
+                                        {t: (a.qparams.scale, a.qparams.zero_point, a.qparams.qmin, a.qparams.qmax)
+                                         for t, a in a_ptq.items()}, rec)
+        ranges = out / "qat" / "ranges.json"
     if not (qat_int8.exists() and qat_rep_path.exists()):
-        qrep = quantize_ort(qat_fp32, qat_int8, rec, None, imgsz=imgsz, ranges=out / "ptq" / "ranges.json",
-                            u8_activations=u8_activations)
+        qrep = quantize_ort(qat_fp32, qat_int8, rec, None, imgsz=imgsz, ranges=ranges, u8_activations=u8_activations)
         _atomic_write_text(qat_rep_path, json.dumps(qrep, indent=2, default=str) + "\n")
     qrep = _read_json(qat_rep_path, {})
     seconds["export"] = round(time.time() - t, 1)
-    a_ptq = activation_quantizers(qmodel)
     a_qat = activation_quantizers(onnx.load(str(qat_int8)))
-    differ = [k for k in a_ptq if k not in a_qat or a_qat[k].qparams != a_ptq[k].qparams]
+    differ = []
+    for k, a in a_ptq.items():
+        b, q = a_qat.get(k), a.qparams
+        if b is None or (b.qparams.zero_point, b.qparams.qmin, b.qparams.qmax) != (q.zero_point, q.qmin, q.qmax) \
+                or not np.isclose(b.qparams.scale, expected.get(k, q.scale), rtol=1e-6, atol=0):
+            differ.append(k)
     if differ:
-        raise RuntimeError(f"the QAT INT8 model's activation quantizers differ from the PTQ ones: {differ[:5]}")
+        raise RuntimeError(f"the QAT INT8 model's activation quantizers differ from the fake-quant model's: "
+                           f"{differ[:5]}")
+    range_changes = [{"tensor": k, "ptq_scale": a_ptq[k].qparams.scale, "qat_scale": v} for k, v in expected.items()
+                     if k in placement["learned"] and not np.isclose(v, a_ptq[k].qparams.scale, rtol=1e-6, atol=0)]
 
     t = time.time()
     match = match_onnx(trained, qat_int8, data, imgsz)
@@ -648,13 +956,18 @@ def qat(weights: str | os.PathLike, data: str | os.PathLike, out: str | os.PathL
     report = {
         "weights": str(weights), "data": str(data), "out": str(out), "recipe": rec.name, "profile": profile,
         "fusion": rec.activation_fusion, "u8_activations": u8_activations, "imgsz": imgsz,
+        "activation_ranges": {"mode": "learned" if learn_ranges else "frozen at PTQ", "range_lr": range_lr,
+                              "learned_tensors": len(placement["learned"]),
+                              "changed_from_ptq": len(range_changes), "changes": range_changes},
         "epochs": epochs, "epochs_run": _last_epoch(tdir), "device": str(device), "batch": batch, "lr0": lr0,
+        "distill": distill,
+        "equalize": {k: v for k, v in _read_json(out / EQUALIZE_JSON, {}).items() if k != "layers"} or None,
         "train_overrides": train_overrides, "resumed_from_epoch": train_info["resumed_from_epoch"],
         "train_sessions": sessions, "train_seconds": round(sum(s["seconds"] for s in sessions), 1),
         "train_results": _results(tdir), "checkpoint": str(best),
         "models": {"fp32": str(out / "fp32.onnx"), "ptq": str(out / "ptq" / "int8.onnx"), "qat_pt": str(plain_pt),
                    "qat_fp32": str(qat_fp32), "qat": str(qat_int8)},
-        "placement": {k: v for k, v in placement.items() if k not in ("convs", "hooks")},
+        "placement": {k: v for k, v in placement.items() if k not in ("convs", "hooks", "learned", "pass_through_of")},
         "onnx_vs_torch": match, "kernels": kernels, "compare": cmp,
         "seconds": {**seconds, "total_this_call": round(time.time() - t_all, 1)},
         "versions": {"torch": torch.__version__, "ultralytics": ultralytics.__version__,

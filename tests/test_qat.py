@@ -100,13 +100,80 @@ def test_fake_quant_placement_matches_ptq_graph_pow2(tmp_path, default_weights, 
 
 
 @pytest.mark.slow
+def test_learned_ranges_start_at_ptq_train_and_export_exactly(tmp_path, default_weights, default_onnx, calib,
+                                                              synth_small):
+    import onnx
+    import torch
+
+    from qbench.analysis.graph import activation_quantizers
+    from qbench.models.load import load_checkpoint
+    from qbench.quantize.ort_engine import quantize_ort
+    from qbench.quantize.profile import apply_profile
+    from qbench.qat import (IN_RANGE_PARAM, RANGE_PARAM, QConv2d, _learned_params, learned_scales, match_onnx,
+                            prepare_qat, strip_qat, write_learned_ranges)
+
+    rec = apply_profile("default", "npu-symmetric-pow2", "unfused").replace(calib_size=12)
+    quantize_ort(default_onnx, tmp_path / "ptq.onnx", rec, calib, save_ranges=tmp_path / "ranges.json")
+    q = onnx.load(str(tmp_path / "ptq.onnx"))
+    base = copy.deepcopy(load_checkpoint(default_weights).model).float()
+    base.fuse(verbose=False)
+    frozen, learned = copy.deepcopy(base), copy.deepcopy(base)
+    pf = prepare_qat(frozen, q, rec, learn_ranges=False)
+    p = prepare_qat(learned, q, rec, learn_ranges=True)
+    params = _learned_params(learned)
+    assert not _learned_params(frozen) and len(params) == len(p["learned"])
+    # every quantized tensor has exactly one quantizer: learned, or the learned one of the tensor it passes through
+    aq = activation_quantizers(q)
+    assert len(p["learned"]) + len(p["pass_through_of"]) == len(aq) and p["unmapped"] == []
+    assert set(p["learned"]) | set(p["pass_through_of"]) == set(aq)
+    assert pf["inputs_quantized_upstream"] == p["inputs_quantized_upstream"] > 0
+    x = torch.rand(2, 3, 320, 320)
+    frozen.eval(), learned.eval()
+    with torch.no_grad():  # initialised at the PTQ scales: exactly the frozen model
+        assert torch.equal(frozen(x)[0], learned(x)[0])
+
+    learned.train()
+    for t in learned.parameters():
+        t.requires_grad_(True)
+    y = learned(x)
+    sum(v.float().pow(2).mean() for v in y.values() if torch.is_tensor(v)).backward()
+    grads = [t.grad for t in params.values()]
+    assert sum(g is not None and float(g.abs().sum()) > 0 for g in grads) > 0.8 * len(grads)
+
+    # halve the scale of every Conv output requantized before its LeakyReLU (the unfused pow2 case QAT learns)
+    learned.eval()
+    with torch.no_grad():
+        moved = 0
+        for m in learned.modules():
+            if isinstance(m, QConv2d) and RANGE_PARAM in m._parameters and m.onnx_node.endswith("conv/Conv"):
+                m._parameters[RANGE_PARAM] -= 1
+                moved += 1
+    assert moved > 40
+    c = copy.deepcopy(learned)  # the bias grid follows the copy's own scale parameters
+    owners = [m.in_scale_of[0] for m in c.modules() if isinstance(m, QConv2d) and m.in_scale_of is not None]
+    assert owners and all(any(o is mm for mm in c.modules()) for o in owners)
+    scales = learned_scales(learned, p, pow2=True)
+    assert all(np.log2(v).is_integer() for v in scales.values())
+    qp = {t: (a.qparams.scale, a.qparams.zero_point, a.qparams.qmin, a.qparams.qmax) for t, a in aq.items()}
+    expected = write_learned_ranges(tmp_path / "ranges.json", tmp_path / "learned.json", scales, p, qp, rec)
+    quantize_ort(default_onnx, tmp_path / "qat.onnx", rec, None, ranges=tmp_path / "learned.json")
+    got = activation_quantizers(onnx.load(str(tmp_path / "qat.onnx")))
+    assert {t: got[t].qparams.scale for t in expected} == expected  # exact powers of two, none rounded up again
+    assert sum(expected[t] != aq[t].qparams.scale for t in expected) >= moved
+    m = match_onnx(learned, tmp_path / "qat.onnx", synth_small, 320)
+    assert m["ort_optimized"]["sqnr_db"] > 60, m  # pow2 grids: the same numbers up to float summation order
+    assert not any(k in (RANGE_PARAM, IN_RANGE_PARAM) for k in strip_qat(learned).state_dict())
+
+
+@pytest.mark.slow
 def test_tiny_qat_run_interrupted_resumes_and_exports_int8(tmp_path, default_weights, synth_small):
     import torch
 
     from qbench.qat import QAT_JSON, QConv2d, load_qat_model, qat
 
     out = tmp_path / "qat"
-    kw = dict(profile="npu-symmetric", fusion="unfused", epochs=2, imgsz=QAT_IMGSZ, batch=4, workers=0)
+    kw = dict(profile="npu-symmetric", fusion="unfused", epochs=2, imgsz=QAT_IMGSZ, batch=4, workers=0,
+              learn_ranges=True, distill=1.0)
 
     def stop_after_first_epoch(trainer):
         if trainer.epoch == 0:
@@ -124,6 +191,10 @@ def test_tiny_qat_run_interrupted_resumes_and_exports_int8(tmp_path, default_wei
 
     with pytest.raises(QbenchError, match="--epochs 2"):  # resuming with other epochs is refused, clearly
         qat(default_weights, synth_small, out, **{**kw, "epochs": 3})
+    with pytest.raises(QbenchError, match="--learn-ranges"):  # ... and so is resuming with the other range mode
+        qat(default_weights, synth_small, out, **{**kw, "learn_ranges": False})
+    with pytest.raises(QbenchError, match="distill"):  # ... or another distillation weight
+        qat(default_weights, synth_small, out, **{**kw, "distill": 0.0})
 
     r = qat(default_weights, synth_small, out, **kw)  # the same command again: resumes at epoch 2
     assert r["resumed_from_epoch"] == 2 and r["epochs_run"] == 2
@@ -132,6 +203,9 @@ def test_tiny_qat_run_interrupted_resumes_and_exports_int8(tmp_path, default_wei
     assert json.loads((out / QAT_JSON).read_text())["epochs_run"] == 2
 
     assert r["placement"]["unmapped"] == [] and r["placement"]["quantized_convs"] > 50
+    a = r["activation_ranges"]  # npu-symmetric scales are continuous, so training moves them
+    assert a["mode"] == "learned" and a["learned_tensors"] > 100 and a["changed_from_ptq"] > 0
+    assert r["distill"] == 1.0
     # int8 kernels: every quantized conv is a QLinearConv after ORT's optimisation (u8 activations), DFL stays float
     assert r["kernels"]["QLinearConv"] == r["placement"]["quantized_convs"] and r["kernels"]["float_Conv"] == 1
     # the INT8 ONNX computes what the PyTorch fake-quant model computes. Tolerance: both round to the same grids
@@ -146,3 +220,40 @@ def test_tiny_qat_run_interrupted_resumes_and_exports_int8(tmp_path, default_wei
     assert (out / "qat" / "int8.onnx").exists() and (out / "qat.pt").exists()
     with pytest.raises(QbenchError, match="finished QAT run"):
         qat(default_weights, synth_small, out, **kw)
+
+
+@pytest.mark.slow
+def test_default_qat_keeps_the_ptq_ranges_distillation_adds_to_the_loss_equalize_matches(tmp_path, default_weights, synth_small):
+    import torch
+
+    from qbench.qat import DistillLoss, qat
+
+    seen = {}
+
+    def probe(trainer):  # the criterion the trainer really uses, on a real batch
+        c = trainer.model.criterion
+        seen["criterion"] = type(c).__name__
+        if isinstance(c, DistillLoss):
+            b = trainer.preprocess_batch(next(iter(trainer.train_loader)))
+            with torch.no_grad():
+                preds = trainer.model(b["img"])
+                seen["extra"] = float(c(preds, b)[0].sum() - c.base(preds, b)[0].sum())
+
+    kw = dict(profile="npu-symmetric-pow2", fusion="unfused", epochs=1, imgsz=QAT_IMGSZ, batch=4, workers=0)
+    r = qat(default_weights, synth_small, tmp_path / "frozen", evaluate=False, **kw,
+            callbacks={"on_train_epoch_end": probe})
+    # frozen: the QAT INT8 model's activation quantizers are the PTQ ones (qat() checks them all, exactly)
+    assert r["activation_ranges"]["mode"] == "frozen at PTQ" and r["activation_ranges"]["learned_tensors"] == 0
+    assert seen == {"criterion": "v8DetectionLoss"} and r["distill"] == 0
+    assert r["onnx_vs_torch"]["ort_optimized"]["sqnr_db"] > 60  # pow2 grids: the same numbers
+    seen.clear()
+    qat(default_weights, synth_small, tmp_path / "distill", evaluate=False, distill=5.0, **kw,
+        callbacks={"on_train_epoch_end": probe})
+    # the fake-quant model differs from its FP32 teacher, so the distillation term is positive
+    assert seen["criterion"] == "DistillLoss" and seen["extra"] > 0
+    with pytest.raises(QbenchError, match="distill"):
+        qat(default_weights, synth_small, tmp_path / "bad", distill=-1, **kw)
+    # recipe key equalize: fp32.onnx and the PyTorch model get the same scales, so the QAT ONNX still matches
+    r = qat(default_weights, synth_small, tmp_path / "eq", recipe="equalize", evaluate=False, **kw)
+    assert r["equalize"]["chains"] > 15 and (tmp_path / "eq" / "equalize.json").exists()
+    assert r["onnx_vs_torch"]["ort_optimized"]["sqnr_db"] > 60
