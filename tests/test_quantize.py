@@ -468,3 +468,7 @@ def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_p
 
     with pytest.raises(QbenchError, match="equalize"):
         quantize_max_drop(fp32, tmp_path / "m.onnx", rec, calib, data=calib, max_drop=0.3)
+    from qbench.analysis.inspect import inspect_models
+
+    with pytest.raises(QbenchError, match="equalize"):  # per-tensor comparison with FP32 would be meaningless
+        inspect_models(fp32, tmp_path / "int8.onnx", paths[:2], paths[:2], out=tmp_path / "inspect")

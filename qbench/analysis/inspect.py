@@ -137,6 +137,12 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
     variants = {}
     for name, (path, folder) in models.items():
         qmodel = _load(path, "INT8 model")
+        from ..quantize.ort_engine import EQUALIZED_META
+
+        if any(p.key == EQUALIZED_META for p in qmodel.metadata_props):
+            raise QbenchError(f"'{path}' was quantized with 'equalize', which rescales channels of the FP32 model's "
+                              "tensors, so they cannot be compared with the FP32 model's one by one; inspect the "
+                              "same model quantized without 'equalize'.")
         acts = activation_quantizers(qmodel)
         if not acts:
             raise QbenchError(f"'{path}' has no quantized activations (no QuantizeLinear nodes); pass the INT8 QDQ "
