@@ -454,7 +454,7 @@ def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_p
     np.testing.assert_allclose(y1, y0, rtol=1e-3, atol=1e-2 * np.abs(y0).max())  # the same function in float
 
     rec = load_recipe("default").replace(equalize=0.5, calib_size=12)
-    r = quantize_ort(fp32, tmp_path / "int8.onnx", rec, calib)
+    r = quantize_ort(fp32, tmp_path / "int8.onnx", rec, calib, save_equalized=tmp_path / "fp32-eq.onnx")
     assert r["equalize"]["chains"] == len(chains) and r["qlinear_ops"]["QLinearConv"] > 50
     q = onnx.load(str(tmp_path / "int8.onnx"))
     assert {p.key: p.value for p in q.metadata_props}[EQUALIZED_META] == "0.5"
@@ -464,10 +464,14 @@ def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_p
 
     with pytest.raises(QbenchError, match="equalize"):  # float fallback would mix rescaled and original weights
         keep_float(q, onnx.load(str(fp32)), conv_layers(q)[:1])
-    from qbench.quantize.mixed import quantize_max_drop
-
-    with pytest.raises(QbenchError, match="equalize"):
-        quantize_max_drop(fp32, tmp_path / "m.onnx", rec, calib, data=calib, max_drop=0.3)
+    feq = onnx.load(str(tmp_path / "fp32-eq.onnx"))  # ... so it falls back to the equalized FP32 weights
+    y2 = ort.InferenceSession(feq.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(y2, y0, rtol=1e-3, atol=1e-2 * np.abs(y0).max())
+    layers = conv_layers(q)
+    mixed = keep_float(q, feq, layers)  # every conv back in float: close to the float model, not garbage
+    y3 = ort.InferenceSession(mixed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    y4 = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.abs(y3 - y0).mean() < np.abs(y4 - y0).mean()
     from qbench.analysis.inspect import inspect_models
 
     with pytest.raises(QbenchError, match="equalize"):  # per-tensor comparison with FP32 would be meaningless

@@ -137,12 +137,13 @@ def test_max_drop_met_without_fallback_writes_the_all_int8_model(small_run, synt
     assert r["mixed_minus_int8_points_ci95"] == [0.0, 0.0]
 
 
-def test_max_drop_falls_back_layers_or_says_it_cannot(small_run, synth_small, clipping, tmp_path):
+@pytest.mark.parametrize("equalize", [0.0, 0.5])  # equalized: layers fall back to the equalized FP32 weights
+def test_max_drop_falls_back_layers_or_says_it_cannot(small_run, synth_small, clipping, tmp_path, equalize):
     out = tmp_path / "m" / "int8.onnx"
     fp32 = small_run / "fp32.onnx"
     try:
-        r = quantize_max_drop(fp32, out, recipe_from_dict(CLIPPING), clipping, synth_small, 0.5, max_float=3,
-                              proxy_images=2, top_k=2)
+        r = quantize_max_drop(fp32, out, recipe_from_dict({**CLIPPING, "equalize": equalize}), clipping,
+                              synth_small, 0.5, max_float=3, proxy_images=2, top_k=2)
     except QbenchError as e:
         assert "cannot be met within 3 FP32 layers" in str(e)
         assert not out.exists() and not list(out.parent.glob("*.onnx"))

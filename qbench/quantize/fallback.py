@@ -150,10 +150,13 @@ def bypass(qmodel, edges, fp32_model=None):
     from ..errors import QbenchError
     from .ort_engine import EQUALIZED_META
 
-    if fp32_model is not None and any(p.key == EQUALIZED_META for p in qmodel.metadata_props):
+    def eq(model):
+        return next((p.value for p in model.metadata_props if p.key == EQUALIZED_META), None)
+
+    if fp32_model is not None and eq(qmodel) != eq(fp32_model):
         raise QbenchError("this INT8 model was quantized with 'equalize' (its float weights are rescaled), so its "
-                          "layers cannot take the FP32 model's weights; use a recipe with 'equalize: 0' for "
-                          "sensitivity and --max-drop.")
+                          "layers can only fall back to the equalized FP32 model (quantize_ort(save_equalized=)), "
+                          "not to the original one.")
     m = copy.deepcopy(qmodel)
     g = m.graph
     ix = _Index(g)

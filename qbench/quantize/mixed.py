@@ -69,9 +69,6 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
     from .recipe import load_recipe
 
     rec = load_recipe(recipe)
-    if rec.equalize > 0:  # checked before minutes of quantizing: float fallback needs the FP32 model's weights
-        raise QbenchError(f"recipe {rec.name}: --max-drop keeps layers in FP32 with the FP32 model's weights, "
-                          f"which 'equalize' rescales; set 'equalize: 0'.")
     out = Path(out_onnx)
     if out.suffix.lower() != ".onnx" or out.is_dir():  # checked before minutes of quantizing and scoring
         raise QbenchError(f"output '{out}' is not an .onnx file path; pass one like {out.parent / 'int8.onnx'}.")
@@ -80,8 +77,11 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
     with tempfile.TemporaryDirectory(prefix="qbench-mixed-") as td:
         work = Path(td)
         q_all = work / "int8.onnx"
-        qrep = quantize_ort(fp32_onnx, q_all, recipe, calib, progress=progress, threads=threads)
-        fmodel, qmodel = onnx.load(str(fp32_onnx)), onnx.load(str(q_all))
+        # with equalize, layers fall back to the equalized FP32 weights (the same function as fp32_onnx)
+        fref = work / "fp32-equalized.onnx" if rec.equalize > 0 else Path(fp32_onnx)
+        qrep = quantize_ort(fp32_onnx, q_all, rec, calib, progress=progress, threads=threads,
+                            save_equalized=fref if rec.equalize > 0 else None)
+        fmodel, qmodel = onnx.load(str(fref)), onnx.load(str(q_all))
         layers = conv_layers(qmodel)
         n_layers = len(layers)
         limit = max_float if max_float is not None else max(1, int(DEFAULT_MAX_FLOAT_FRACTION * n_layers))
@@ -99,7 +99,7 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
         sens = None
         if fp32_map - int8_map > budget and limit > 0:
             paths = _calib_paths(calib)
-            sens = layer_sensitivity(fp32_onnx, q_all, paths[:proxy_images], data, top_k=top_k, settings=settings,
+            sens = layer_sensitivity(fref, q_all, paths[:proxy_images], data, top_k=top_k, settings=settings,
                                      progress=progress, threads=threads)
             order = ranking(sens)[:trials_cap]
             cand = work / "candidate.onnx"

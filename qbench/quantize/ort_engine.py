@@ -535,7 +535,8 @@ def _verify(tmp: Path, optimized: Path, input_name: str, imgsz: int, threads: in
 def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, recipe: Recipe | str | os.PathLike | None,
                  calib_paths: Sequence[str | os.PathLike] | str | os.PathLike | None, imgsz: int | None = None,
                  progress: bool = False, threads: int | None = None, *, ranges: str | os.PathLike | None = None,
-                 save_ranges: str | os.PathLike | None = None, u8_activations: bool = False) -> dict:
+                 save_ranges: str | os.PathLike | None = None, u8_activations: bool = False,
+                 save_equalized: str | os.PathLike | None = None) -> dict:
     """Quantize `fp32_onnx` to a QDQ INT8 `out_onnx` with ONNX Runtime; returns a JSON-able report.
 
     calib_paths: image paths (the first `recipe.calib_size` are used; a manifest's order is stratified), or the
@@ -546,6 +547,8 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
     skipped and these ranges are used (calib_paths may then be None), so a model with the same graph but other
     weights (e.g. after QAT) gets exactly the earlier activation scales. Every tensor to quantize must have a range.
     save_ranges: also write the calibrated ranges there (JSON).
+    save_equalized: with recipe key equalize, also write the equalized FP32 model there (the float weights the
+    INT8 model's layers fall back to in `fallback.keep_float`; metadata marks it like the INT8 model).
     u8_activations: rewrite int8 activation Q/DQ as uint8 with zero point + 128 (`activations_to_uint8`): the same
     numbers, but ONNX Runtime's fast x86 u8s8 kernels for symmetric profiles.
     """
@@ -643,6 +646,15 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
             eq_reader = CalibrationReader(used[:MAX_IMAGES], imgsz, info["input_name"], batch=1)
             equalized = equalize(pmodel, eq_reader, recipe.equalize)
             onnx.save(pmodel, str(pre))
+            if save_equalized is not None:
+                feq = onnx.ModelProto()
+                feq.CopyFrom(pmodel)
+                del feq.metadata_props[:]
+                for k, v in [*meta.items(), (EQUALIZED_META, str(recipe.equalize))]:
+                    e = feq.metadata_props.add()
+                    e.key, e.value = k, str(v)
+                Path(save_equalized).parent.mkdir(parents=True, exist_ok=True)
+                onnx.save(feq, str(save_equalized))
             seconds["equalize"] = time.perf_counter() - t
         excluded, forced, unmatched = _resolve_exclusions(pmodel, head if recipe.keep_head_float else None, recipe)
         for kind, pats in unmatched.items():

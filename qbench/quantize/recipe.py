@@ -39,7 +39,7 @@ Keys (defaults in brackets):
   equalize          activation-range equalization exponent in [0, 1] for Conv -> LeakyRelu/Relu -> Conv chains
                     (qbench/quantize/equalize.py): channel c of the first Conv is divided by
                     (r_c / max r) ** equalize and the second Conv's input channel multiplied by it (the same
-                    function in float); 0 = off. Not with precomputed ranges or --max-drop/sensitivity  [0]
+                    function in float); 0 = off. Not with precomputed ranges  [0]
 
 Note on percentile: ONNX Runtime's percentile calibrator builds the histogram of
 |x| and takes a symmetric threshold, then clamps it to the observed min/max, so a
