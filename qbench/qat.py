@@ -19,7 +19,7 @@ already there, so re-running the same command after an interruption resumes):
    - tensors that only pass through with their input's quantizer (Split, MaxPool, Resize) need nothing, and
      tensors read only by quantized Convs (C2f's inner Concat, the image) are fake-quantized at those Convs' inputs.
    Each activation tensor is fake-quantized once (a conv whose input another module already quantizes skips its
-   own input quantizer). With `learn_ranges` (the default) each of those quantizers learns its scale, LSQ-style:
+   own input quantizer). With `learn_ranges` each of those quantizers learns its scale, LSQ-style:
    a log2 scale parameter initialised at the PTQ value, its exponent rounded to an integer under pow2 profiles
    (zero point and int range stay the PTQ ones, so symmetric stays symmetric); otherwise they stay frozen at the
    PTQ values. The DFL conv and the decode stay float, as in the PTQ graph. Gradients pass straight through (STE).
@@ -569,26 +569,18 @@ def _ptq_stage(weights: Path, data, out: Path, rec, calib, imgsz: int, u8: bool,
 
         n = min(rec.calib_size, len(image_files(load_data_yaml(data, require=("train",)), "train")))
         calib = save_manifest(build_manifest(data, n, seed=0), out / "calibration.json")
-    if rec.equalize > 0:  # equalize the FP32 export once, here, so the PyTorch model can take the same scales
-        import onnx
-
-        from .calibration import CalibrationReader
-        from .quantize.equalize import MAX_IMAGES, equalize
-        from .quantize.ort_engine import _calib_paths
-
-        plain = out / "fp32-unequalized.onnx"
+    if rec.equalize > 0:  # quantize_ort equalizes; fp32.onnx is its equalized model, whose scales the PyTorch
+        plain = out / "fp32-unequalized.onnx"  # model takes too (equalize.json)
         export_onnx(weights, plain, imgsz=imgsz)
-        m = onnx.load(str(plain))
-        reader = CalibrationReader(_calib_paths(calib)[:MAX_IMAGES], imgsz, m.graph.input[0].name)
-        eq = equalize(m, reader, rec.equalize)
-        onnx.save(m, str(fp32))
+        rep = quantize_ort(plain, ptq, rec, calib, imgsz=imgsz, progress=progress, save_ranges=ranges,
+                           u8_activations=u8, save_equalized=fp32)
         plain.unlink()
-        _atomic_write_text(out / EQUALIZE_JSON, json.dumps(eq, indent=2) + "\n")
-        rec = rec.replace(equalize=0.0)
-    elif not fp32.exists():
-        export_onnx(weights, fp32, imgsz=imgsz)
-    rep = quantize_ort(fp32, ptq, rec, calib, imgsz=imgsz, progress=progress, save_ranges=ranges,
-                       u8_activations=u8)
+        _atomic_write_text(out / EQUALIZE_JSON, json.dumps(rep["equalize"], indent=2) + "\n")
+    else:
+        if not fp32.exists():
+            export_onnx(weights, fp32, imgsz=imgsz)
+        rep = quantize_ort(fp32, ptq, rec, calib, imgsz=imgsz, progress=progress, save_ranges=ranges,
+                           u8_activations=u8)
     _atomic_write_text(rep_path, json.dumps(rep, indent=2, default=str) + "\n")
     return rep
 
