@@ -221,6 +221,37 @@ def test_files_are_written_with_stable_columns(tiny):
     assert not list(out.glob(".*tmp*"))  # no temp files left behind
 
 
+def test_range_diagnosis_tells_wide_channels_from_rare_values(tiny):
+    """A tensor whose range one wide channel sets, one whose range rare spikes in every channel set, and a plain
+    Gaussian one: the statistics inspect collects tell them apart (and say which fix can work)."""
+    from qbench.analysis.inspect import CHANNEL_SPREAD_FLAG, TAIL_FLAG, range_diagnosis
+
+    rng = np.random.default_rng(1)
+    plain = rng.normal(0, 1, (4, 16, 32, 32)).astype(np.float32)
+    wide = plain.copy()
+    wide[:, 3] *= 30  # one channel 30x wider than the rest
+    spikes = plain.copy()
+    idx = rng.integers(0, plain.size, 64)  # 64 of 65536 values, spread over the channels, 40x the bulk
+    spikes.reshape(-1)[idx] = 40 * np.sign(spikes.reshape(-1)[idx])
+    got = {}
+    for name, x in (("plain", plain), ("wide", wide), ("spikes", spikes)):
+        s = TensorStats(bins=2048)
+        s.update(x)
+        tail, cause = range_diagnosis(s.summary())
+        absx = np.abs(x.astype(np.float64))
+        bulk = max(abs(np.percentile(x, 0.1)), abs(np.percentile(x, 99.9)))
+        assert tail == pytest.approx(absx.max() / bulk, rel=0.05)  # percentiles come off the histogram
+        got[name] = cause
+    assert got == {"plain": "", "wide": "channels", "spikes": "rare values"}
+    # inspect writes the same diagnosis into every quantized row and counts it in the summary
+    rows = [r for r in tiny["result"]["layers"] if r["role"] == "quantized"]
+    assert all((r["tail_ratio"], r["range_set_by"]) == range_diagnosis(r) for r in rows)
+    assert all(r["range_set_by"] != "channels" or r["channel_range_spread"] >= CHANNEL_SPREAD_FLAG for r in rows)
+    assert all(r["range_set_by"] != "rare values" or r["tail_ratio"] >= TAIL_FLAG for r in rows)
+    counts = tiny["result"]["summary"]["range_set_by"]
+    assert counts == {k: sum(r["range_set_by"] == k for r in rows) for k in ("channels", "rare values")}
+
+
 def test_histogram_growth_keeps_exact_counts():
     """Data arriving beyond the first batch's range doubles the bins' width; counts stay exact."""
     rng = np.random.default_rng(0)

@@ -19,6 +19,12 @@ Writes into `out`: `layers.csv` (one row per tensor, stable columns),
 `leaky.csv` (one row per LeakyReLU, ranked by harm), `weights.csv`,
 `histograms.npz` (every tensor's histogram) and `inspect.json` (all of the
 tables and a summary), the JSON last.
+
+Each quantized tensor also says what sets its per-tensor range (`range_diagnosis`), because the fixes differ:
+a few channels far wider than the rest (`channel_range_spread` >= 8) can be rescaled per channel (recipe key
+`equalize`); rare large values spread over the channels (`tail_ratio`, max |value| over the 99.9th percentile
+of |value|, >= 4, with the channels alike) cannot be moved by any per-channel rescaling, only clipped
+(percentile calibration) or kept at higher precision.
 """
 
 from __future__ import annotations
@@ -46,12 +52,14 @@ from .stats import DEFAULT_BINS, PERCENTILES, ErrorStats, QParams, TensorStats, 
 LAYER_COLUMNS = (
     ["depth", "tensor", "layer", "producer", "role", "dtype", "scale", "zero_point", "q_lo", "q_hi",
      "min", "max", "mean", "std"] + [f"p{p:g}" for p in PERCENTILES] +
-    ["negative_fraction", "neg_to_pos_ratio", "clip_fraction", "channels", "channel_range_spread",
-     "sqnr_isolated_db", "cos_isolated", "sqnr_cumulative_db", "cos_cumulative", "hist_stride"])
+    ["negative_fraction", "neg_to_pos_ratio", "clip_fraction", "channels", "channel_range_spread", "tail_ratio",
+     "range_set_by", "sqnr_isolated_db", "cos_isolated", "sqnr_cumulative_db", "cos_cumulative", "hist_stride"])
 LEAKY_COLUMNS = ("rank", "layer", "node", "alpha", "unfused", "out_min", "out_max", "neg_to_pos_ratio",
                  "scheme", "neg_codes", "pos_codes", "neg_codes_used", "pos_codes_used", "bits_lost_vs_relu",
                  "asym_neg_codes", "asym_pos_codes", "asym_bits_lost", "sym_neg_codes", "sym_pos_codes",
                  "sym_bits_lost", "sqnr_actual_db", "sqnr_ideal_db", "harm_db", "remedy", "remedy_gain_db")
+CHANNEL_SPREAD_FLAG = 8.0  # largest / median channel range at which a few channels set a tensor's range
+TAIL_FLAG = 4.0  # max |value| / 99.9th percentile of |value| at which rare values set it
 WEIGHT_COLUMNS = ("depth", "node", "layer", "op_type", "channels", "per_channel", "sqnr_db", "cosine")
 
 
@@ -61,6 +69,23 @@ def layer_name(tensor: str) -> str:
     if len(parts) >= 2 and re.search(r"_output_\d+$", parts[-1]):
         return ".".join(parts[:-1])
     return tensor
+
+
+def range_diagnosis(row: dict) -> tuple[float, str]:
+    """(tail_ratio, range_set_by) of a `layers.csv` row (see module doc): max |value| over the 99.9th percentile
+    of |value| (the larger of |p0.1| and |p99.9|), and "channels", "rare values" or "" (neither flag)."""
+    def num(k):
+        try:
+            return abs(float(row.get(k, "")))
+        except (TypeError, ValueError):
+            return math.nan
+
+    bulk = max(num("p0.1"), num("p99.9"))
+    tail = max(num("min"), num("max")) / bulk if bulk > 0 else math.nan
+    spread = num("channel_range_spread")
+    if spread >= CHANNEL_SPREAD_FLAG:
+        return tail, "channels"
+    return tail, "rare values" if tail >= TAIL_FLAG else ""
 
 
 def _finite(v):
@@ -244,6 +269,8 @@ def _write_variant(name, v, fmodel, fp32, stats, order, imgsz, calib_images, err
             "cos_isolated": v["isolated"][t].cosine if a else "",
             "sqnr_cumulative_db": v["cumulative"][t].sqnr_db, "cos_cumulative": v["cumulative"][t].cosine,
         })
+        if a:
+            rows[-1]["tail_ratio"], rows[-1]["range_set_by"] = range_diagnosis(rows[-1])
     leaky_rows = []
     for lk in v["leaks"]:
         if lk.node not in v["leaky_err"]:
@@ -305,6 +332,8 @@ def _write_variant(name, v, fmodel, fp32, stats, order, imgsz, calib_images, err
             "output_sqnr_db": v["output"].sqnr_db, "output_cosine": v["output"].cosine,
             "median_isolated_sqnr_db": float(np.median([r["sqnr_isolated_db"] for r in quantized_rows])),
             "min_cumulative_sqnr_db": min(r["sqnr_cumulative_db"] for r in quantized_rows),
+            "range_set_by": {k: sum(r.get("range_set_by") == k for r in quantized_rows)
+                             for k in ("channels", "rare values")},
             "worst_isolated": [{"tensor": r["tensor"], "sqnr_isolated_db": r["sqnr_isolated_db"]} for r in worst],
         },
         "layers": rows,

@@ -121,22 +121,36 @@ def _class_table(run: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def _layer_summary(ins: dict) -> tuple[list[str], list[list[str]]]:
+    from ..analysis.inspect import range_diagnosis
+
     s = ins["summary"]
+    causes = [range_diagnosis(r)[1] for r in ins["layers"] if r["role"] == "quantized" and r["producer"] != "input"]
     return (["tensors quantized", "LeakyReLU (unfused)", "output SQNR dB", "output cosine", "median isolated SQNR dB",
-             "lowest cumulative SQNR dB"],
+             "lowest cumulative SQNR dB", "range set by channels / rare values"],
             [[str(s["quantized_tensors"]), f"{s['leaky_relus']} ({s['unfused_leaky_relus']})",
               _fmt(s["output_sqnr_db"], 1), _fmt(s["output_cosine"], 5), _fmt(s["median_isolated_sqnr_db"], 1),
-              _fmt(s["min_cumulative_sqnr_db"], 1)]])
+              _fmt(s["min_cumulative_sqnr_db"], 1),
+              f"{causes.count('channels')} / {causes.count('rare values')}"]])
+
+
+RANGE_NOTE = ("Range set by: 'channels' when a tensor's largest channel range is at least 8x its median one "
+              "(per-channel equalization, recipe key equalize, can move it); 'rare values' when its max |value| is at "
+              "least 4x its 99.9th percentile with the channels alike (no per-channel rescaling can; only clipping "
+              "or higher precision).")
 
 
 def _worst_table(ins: dict, k: int = 10) -> tuple[list[str], list[list[str]]]:
+    from ..analysis.inspect import range_diagnosis
+
     rows = sorted((r for r in ins["layers"] if r["role"] == "quantized" and r["producer"] != "input"),
                   key=lambda r: plots._num(r["sqnr_isolated_db"]))[:k]
-    return (["tensor", "op", "min", "max", "neg %", "|min|/max", "clip %", "ch. spread", "isolated dB", "cumulative dB"],
+    return (["tensor", "op", "min", "max", "neg %", "|min|/max", "clip %", "ch. spread", "max/p99.9", "range set by",
+             "isolated dB", "cumulative dB"],
             [[r["layer"], r["producer"], _fmt(r["min"], 3), _fmt(r["max"], 3), _fmt(100 * r["negative_fraction"], 1),
               _fmt(r["neg_to_pos_ratio"], 3), _fmt(100 * plots._num(r["clip_fraction"]), 3),
-              _fmt(r.get("channel_range_spread"), 1), _fmt(plots._num(r["sqnr_isolated_db"]), 1),
-              _fmt(plots._num(r["sqnr_cumulative_db"]), 1)] for r in rows])
+              _fmt(r.get("channel_range_spread"), 1), _fmt(range_diagnosis(r)[0], 1), range_diagnosis(r)[1] or "—",
+              _fmt(plots._num(r["sqnr_isolated_db"]), 1), _fmt(plots._num(r["sqnr_cumulative_db"]), 1)]
+             for r in rows])
 
 
 def _leaky_table(ins: dict, k: int = 15) -> tuple[list[str], list[list[str]]]:
@@ -307,7 +321,8 @@ def build(runs: list[dict]) -> tuple[str, str]:
     body.append("<h2>Per-layer quantization error</h2>")
     body.append('<p class="muted">Isolated: the FP32 activation quantized alone with the INT8 model\'s scale and '
                 "zero point. Cumulative: the INT8 model's own tensor, every earlier layer quantized too (QDQ graph "
-                "run as written). SQNR = 10·log10(signal power / error power).</p>")
+                "run as written). SQNR = 10·log10(signal power / error power). " + RANGE_NOTE + "</p>")
+    md += [RANGE_NOTE, ""]
     depth = {}
     for r in runs:
         for key, ins in r["inspect"].items():
