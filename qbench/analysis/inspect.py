@@ -23,8 +23,8 @@ tables and a summary), the JSON last.
 Each quantized tensor also says what sets its per-tensor range (`range_diagnosis`), because the fixes differ:
 a few channels far wider than the rest (`channel_range_spread` >= 8) can be rescaled per channel (recipe key
 `equalize`); rare large values spread over the channels (`tail_ratio`, max |value| over the 99.9th percentile
-of |value|, >= 4, with the channels alike) cannot be moved by any per-channel rescaling, only clipped
-(percentile calibration) or kept at higher precision.
+of |value|, >= 4, with the channels alike) cannot be moved by any per-channel rescaling, only clipped (which
+trades their error for the bulk's: on the gtsdb4 reference model that costs accuracy) or kept at higher precision.
 """
 
 from __future__ import annotations

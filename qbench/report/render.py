@@ -135,8 +135,8 @@ def _layer_summary(ins: dict) -> tuple[list[str], list[list[str]]]:
 
 RANGE_NOTE = ("Range set by: 'channels' when a tensor's largest channel range is at least 8x its median one "
               "(per-channel equalization, recipe key equalize, can move it); 'rare values' when its max |value| is at "
-              "least 4x its 99.9th percentile with the channels alike (no per-channel rescaling can; only clipping "
-              "or higher precision).")
+              "least 4x its 99.9th percentile with the channels alike (no per-channel rescaling can; only clipping, "
+              "which trades their error for the bulk's, or more bits).")
 
 
 def _worst_table(ins: dict, k: int = 10) -> tuple[list[str], list[list[str]]]:
