@@ -24,7 +24,9 @@ already there, so re-running the same command after an interruption resumes):
    (zero point and int range stay the PTQ ones, so symmetric stays symmetric); otherwise they stay frozen at the
    PTQ values. The DFL conv and the decode stay float, as in the PTQ graph. Gradients pass straight through (STE).
 3. `train/`: fine-tuning with ultralytics' DetectionTrainer (its loss, augmentation, LR schedule, EMA, validation),
-   checkpointing `train/weights/last.pt` every epoch; an interrupted run resumes from it on the next call.
+   checkpointing `train/weights/last.pt` every epoch; an interrupted run resumes from it on the next call, which
+   must ask for the same epochs (the checkpoint's) and settings (`train/qat_settings.json`: range mode, range_lr,
+   distill weight), or is refused naming the options to pass.
 4. `qat.pt` (the trained model with the fake quantizers stripped: a plain fused ultralytics checkpoint),
    `qat-fp32.onnx` (its FP32 export), `qat/int8.onnx` (quantize_ort with the PTQ ranges, or with
    `qat/ranges.json`, the ranges that give back the learned scales exactly: every activation scale equals the
@@ -598,25 +600,23 @@ def _train_stage(model, weights: Path, data, out: Path, epochs: int, imgsz: int,
     if done.exists():
         return {"resumed_from_epoch": None, "sessions": sessions, "skipped": True}
     Trainer = _trainer_class(range_lr, teacher, distill)
-    settings = {"distill": distill, **({"range_lr": range_lr} if _learned_params(model) else {})}
+    learned = bool(_learned_params(model))
+    settings = {"learn_ranges": learned, "distill": distill, **({"range_lr": range_lr} if learned else {})}
     resume_from = None
     if last.exists():
         ck = torch.load(last, map_location="cpu", weights_only=False)
         ck_epochs = int((ck.get("train_args") or {}).get("epochs", -1))
+        resume_from = int(ck.get("epoch", -1)) + 1
+        del ck
         if ck_epochs != epochs:
             raise QbenchError(f"'{out}' holds an interrupted QAT run of {ck_epochs} epochs; re-run with --epochs "
                               f"{ck_epochs} to resume it, or choose another --out.")
-        ck_learned = bool(_learned_params(ck.get("ema") or ck["model"]))
-        if ck_learned != bool(_learned_params(model)):
-            flag = "--learn-ranges" if ck_learned else "--freeze-ranges"
-            raise QbenchError(f"'{out}' holds an interrupted QAT run with {'learned' if ck_learned else 'frozen'} "
-                              f"activation ranges; re-run with {flag} to resume it, or choose another --out.")
-        resume_from = int(ck.get("epoch", -1)) + 1
-        del ck
         before = _read_json(tdir / SETTINGS, None)
         if before is not None and before != settings:
-            raise QbenchError(f"'{out}' holds an interrupted QAT run with {before}; re-run with those settings to "
-                              f"resume it (now {settings}), or choose another --out.")
+            flags = " ".join(_settings_flag(k, before.get(k)) for k in sorted({*before, *settings})
+                             if before.get(k) != settings.get(k) and k in before)
+            raise QbenchError(f"'{out}' holds an interrupted QAT run with other settings; re-run with {flags} to "
+                              f"resume it, or choose another --out.")
     args = dict(model=str(weights), data=str(Path(data).resolve()), epochs=epochs, imgsz=imgsz, batch=batch,
                 device=device, workers=workers, seed=0, deterministic=True, amp=False, plots=False,
                 project=str(out.resolve()), name="train", exist_ok=True, verbose=False,
@@ -649,6 +649,13 @@ def _train_stage(model, weights: Path, data, out: Path, epochs: int, imgsz: int,
             _atomic_write_text(tdir / SESSIONS, json.dumps(sessions, indent=2) + "\n")
     _atomic_write_text(done, json.dumps({"epochs": epochs}) + "\n")
     return {"resumed_from_epoch": resume_from + 1 if resume_from else None, "sessions": sessions, "skipped": False}
+
+
+def _settings_flag(key: str, value) -> str:
+    """The `qbench qat` option that gives setting `key` (train/qat_settings.json) the value `value`."""
+    if key == "learn_ranges":
+        return "--learn-ranges" if value else "--freeze-ranges"
+    return f"--{key.replace('_', '-')} {value}"
 
 
 @contextlib.contextmanager
