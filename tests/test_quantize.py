@@ -429,8 +429,8 @@ def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_p
 
     from qbench.calibration import CalibrationReader, load_manifest
     from qbench.models.export import export_onnx
-    from qbench.quantize.equalize import channel_ranges, equalize, find_chains
-    from qbench.quantize.ort_engine import EQUALIZED_META
+    from qbench.quantize.equalize import channel_ranges, equalization_of, equalize, find_chains
+    from qbench.quantize.ort_engine import EQUALIZED_FP32, EQUALIZED_META
 
     fp32 = export_onnx(REPO / "results/training/synth-l3-leaky-320/weights/best.pt", tmp_path / "fp32.onnx",
                        imgsz=96)
@@ -454,17 +454,18 @@ def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_p
     np.testing.assert_allclose(y1, y0, rtol=1e-3, atol=1e-2 * np.abs(y0).max())  # the same function in float
 
     rec = load_recipe("default").replace(equalize=0.5, calib_size=12)
-    r = quantize_ort(fp32, tmp_path / "int8.onnx", rec, calib, save_equalized=tmp_path / "fp32-eq.onnx")
+    r = quantize_ort(fp32, tmp_path / "int8.onnx", rec, calib)  # writes its float reference next to it
     assert r["equalize"]["chains"] == len(chains) and r["qlinear_ops"]["QLinearConv"] > 50
     q = onnx.load(str(tmp_path / "int8.onnx"))
-    assert {p.key: p.value for p in q.metadata_props}[EQUALIZED_META] == "0.5"
+    tag = {p.key: p.value for p in q.metadata_props}[EQUALIZED_META]
+    assert tag.startswith("0.5 ") and equalization_of(onnx.load(str(tmp_path / EQUALIZED_FP32))) == tag
     with pytest.raises(QbenchError, match="precomputed ranges"):
         quantize_ort(fp32, tmp_path / "x.onnx", rec, None, ranges=tmp_path / "ranges.json")
     from qbench.quantize.fallback import conv_layers, keep_float
 
     with pytest.raises(QbenchError, match="equalize"):  # float fallback would mix rescaled and original weights
         keep_float(q, onnx.load(str(fp32)), conv_layers(q)[:1])
-    feq = onnx.load(str(tmp_path / "fp32-eq.onnx"))  # ... so it falls back to the equalized FP32 weights
+    feq = onnx.load(str(tmp_path / EQUALIZED_FP32))  # ... so it falls back to the equalized FP32 weights
     y2 = ort.InferenceSession(feq.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_allclose(y2, y0, rtol=1e-3, atol=1e-2 * np.abs(y0).max())
     layers = conv_layers(q)
@@ -474,5 +475,13 @@ def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_p
     assert np.abs(y3 - y0).mean() < np.abs(y4 - y0).mean()
     from qbench.analysis.inspect import inspect_models
 
-    with pytest.raises(QbenchError, match="equalize"):  # per-tensor comparison with FP32 would be meaningless
+    with pytest.raises(QbenchError, match=EQUALIZED_FP32):  # its tensors are not the original FP32 model's ...
         inspect_models(fp32, tmp_path / "int8.onnx", paths[:2], paths[:2], out=tmp_path / "inspect")
+    quantize_ort(fp32, tmp_path / "plain" / "int8.onnx", rec.replace(equalize=0.0), calib)
+    with pytest.raises(QbenchError, match="quantized from"):  # ... nor the equalized FP32's those of a plain INT8
+        inspect_models(tmp_path / EQUALIZED_FP32, tmp_path / "plain" / "int8.onnx", paths[:2], paths[:2],
+                       out=tmp_path / "inspect")
+    res = inspect_models(tmp_path / EQUALIZED_FP32, tmp_path / "int8.onnx", paths[:2], paths[2:4],
+                         out=tmp_path / "inspect")  # ... but they are the equalized FP32 model's
+    s = res["summary"]  # every tensor, the rescaled ones included, close to its float reference (16.7 / 32 dB here)
+    assert s["quantized_tensors"] > 100 and s["min_cumulative_sqnr_db"] > 10 and s["output_sqnr_db"] > 25

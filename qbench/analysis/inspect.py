@@ -162,12 +162,16 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
     variants = {}
     for name, (path, folder) in models.items():
         qmodel = _load(path, "INT8 model")
-        from ..quantize.ort_engine import EQUALIZED_META
+        from ..quantize.equalize import equalization_of
+        from ..quantize.ort_engine import EQUALIZED_FP32
 
-        if any(p.key == EQUALIZED_META for p in qmodel.metadata_props):
-            raise QbenchError(f"'{path}' was quantized with 'equalize', which rescales channels of the FP32 model's "
-                              "tensors, so they cannot be compared with the FP32 model's one by one; inspect the "
-                              "same model quantized without 'equalize'.")
+        if equalization_of(qmodel) != equalization_of(fmodel):  # recipe key equalize rescales tensor channels
+            raise QbenchError(
+                f"'{path}' and '{fp32}' were not equalized alike (recipe key 'equalize' rescales channels of the "
+                f"float model's tensors), so their tensors cannot be compared one by one; "
+                + (f"pass the equalized FP32 model written next to it ({Path(path).with_name(EQUALIZED_FP32)}) "
+                   f"as the FP32 model." if equalization_of(qmodel) else
+                   f"pass the FP32 model it was quantized from."))
         acts = activation_quantizers(qmodel)
         if not acts:
             raise QbenchError(f"'{path}' has no quantized activations (no QuantizeLinear nodes); pass the INT8 QDQ "
@@ -398,6 +402,7 @@ def inspect_run(run_dir: str | os.PathLike | None = None, *, fp32: str | os.Path
 
     from ..calibration import load_manifest
     from ..data.dataset import image_files, load_data_yaml
+    from ..quantize.ort_engine import EQUALIZED_FP32
 
     run = Path(run_dir) if run_dir else None
     info = {}
@@ -406,8 +411,10 @@ def inspect_run(run_dir: str | os.PathLike | None = None, *, fp32: str | os.Path
             raise QbenchError(f"'{run}' is not a qbench run folder (no run.json); pass the folder `qbench run` "
                               "wrote, or --fp32/--int8/--calib/--data.")
         info = json.loads((run / "run.json").read_text(encoding="utf-8"))
-    fp32 = Path(fp32) if fp32 else (run / "fp32.onnx" if run else None)
     int8 = Path(int8) if int8 else (run / "int8.onnx" if run else None)
+    if not fp32 and run is not None and int8 is not None and int8.with_name(EQUALIZED_FP32).is_file():
+        fp32 = int8.with_name(EQUALIZED_FP32)  # an equalized INT8 model: its own float reference
+    fp32 = Path(fp32) if fp32 else (run / "fp32.onnx" if run else None)
     calib = Path(calib) if calib else (_resolve(run, info.get("calibration")) if run else None)
     data = Path(data) if data else (_resolve(run, info.get("data")) if run else None)
     for value, flag in ((fp32, "--fp32"), (int8, "--int8"), (calib, "--calib"), (data, "--data")):

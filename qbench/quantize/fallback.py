@@ -148,15 +148,13 @@ def bypass(qmodel, edges, fp32_model=None):
     from onnx import numpy_helper
 
     from ..errors import QbenchError
-    from .ort_engine import EQUALIZED_META
+    from .equalize import equalization_of
+    from .ort_engine import EQUALIZED_FP32
 
-    def eq(model):
-        return next((p.value for p in model.metadata_props if p.key == EQUALIZED_META), None)
-
-    if fp32_model is not None and eq(qmodel) != eq(fp32_model):
-        raise QbenchError("this INT8 model was quantized with 'equalize' (its float weights are rescaled), so its "
-                          "layers can only fall back to the equalized FP32 model (quantize_ort(save_equalized=)), "
-                          "not to the original one.")
+    if fp32_model is not None and equalization_of(qmodel) != equalization_of(fp32_model):
+        raise QbenchError(f"this INT8 model and the FP32 model were not equalized alike (recipe key 'equalize' "
+                          f"rescales the float weights), so its layers can only fall back to the FP32 model it was "
+                          f"quantized from: for an equalized one, the {EQUALIZED_FP32} written next to it.")
     m = copy.deepcopy(qmodel)
     g = m.graph
     ix = _Index(g)

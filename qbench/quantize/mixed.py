@@ -55,7 +55,7 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
     from ..analysis.sensitivity import layer_sensitivity, ranking, write_sensitivity
     from ..evaluate import EvalSettings, delta_interval
     from .fallback import conv_layers, keep_float
-    from .ort_engine import RECIPE_FILE, _calib_paths, quantize_ort
+    from .ort_engine import EQUALIZED_FP32, RECIPE_FILE, _calib_paths, quantize_ort
 
     settings = settings or EvalSettings()
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) \
@@ -78,7 +78,7 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
         work = Path(td)
         q_all = work / "int8.onnx"
         # with equalize, layers fall back to the equalized FP32 weights (the same function as fp32_onnx)
-        fref = work / "fp32-equalized.onnx" if rec.equalize > 0 else Path(fp32_onnx)
+        fref = work / EQUALIZED_FP32 if rec.equalize > 0 else Path(fp32_onnx)
         qrep = quantize_ort(fp32_onnx, q_all, rec, calib, progress=progress, threads=threads,
                             save_equalized=fref if rec.equalize > 0 else None)
         fmodel, qmodel = onnx.load(str(fref)), onnx.load(str(q_all))

@@ -78,6 +78,7 @@ QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
 RECIPE_FILE = "recipe.yaml"
 EQUALIZED_META = "qbench_equalize"  # metadata of an INT8 model whose float weights were equalized (recipe key)
+EQUALIZED_FP32 = "fp32-equalized.onnx"  # written next to an INT8 model quantized with equalize: its float reference
 
 
 # --------------------------------------------------------------------------- graph helpers
@@ -547,8 +548,9 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
     skipped and these ranges are used (calib_paths may then be None), so a model with the same graph but other
     weights (e.g. after QAT) gets exactly the earlier activation scales. Every tensor to quantize must have a range.
     save_ranges: also write the calibrated ranges there (JSON).
-    save_equalized: with recipe key equalize, also write the equalized FP32 model there (the float weights the
-    INT8 model's layers fall back to in `fallback.keep_float`; metadata marks it like the INT8 model).
+    save_equalized: with recipe key equalize, where to write the equalized FP32 model [EQUALIZED_FP32 next to
+    `out_onnx`]: the float weights the INT8 model's layers fall back to (`fallback.keep_float`) and the reference
+    `qbench inspect` compares it with; metadata marks both with the same `equalize.equalization_tag`.
     u8_activations: rewrite int8 activation Q/DQ as uint8 with zero point + 128 (`activations_to_uint8`): the same
     numbers, but ONNX Runtime's fast x86 u8s8 kernels for symmetric profiles.
     """
@@ -640,21 +642,22 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         head = find_head(pmodel, src)  # checked even when keep_head_float is off: it proves this is a detector
         equalized = None
         if recipe.equalize > 0:
-            from .equalize import MAX_IMAGES, equalize
+            from .equalize import MAX_IMAGES, equalization_tag, equalize
 
             t = time.perf_counter()
             eq_reader = CalibrationReader(used[:MAX_IMAGES], imgsz, info["input_name"], batch=1)
             equalized = equalize(pmodel, eq_reader, recipe.equalize)
             onnx.save(pmodel, str(pre))
-            if save_equalized is not None:
-                feq = onnx.ModelProto()
-                feq.CopyFrom(pmodel)
-                del feq.metadata_props[:]
-                for k, v in [*meta.items(), (EQUALIZED_META, str(recipe.equalize))]:
-                    e = feq.metadata_props.add()
-                    e.key, e.value = k, str(v)
-                Path(save_equalized).parent.mkdir(parents=True, exist_ok=True)
-                onnx.save(feq, str(save_equalized))
+            feq = onnx.ModelProto()
+            feq.CopyFrom(pmodel)
+            del feq.metadata_props[:]
+            for k, v in [*meta.items(), (EQUALIZED_META, equalization_tag(equalized))]:
+                e = feq.metadata_props.add()
+                e.key, e.value = k, str(v)
+            save_equalized = Path(save_equalized) if save_equalized is not None else out.with_name(EQUALIZED_FP32)
+            save_equalized.parent.mkdir(parents=True, exist_ok=True)
+            onnx.save(feq, str(save_equalized))
+            del feq
             seconds["equalize"] = time.perf_counter() - t
         excluded, forced, unmatched = _resolve_exclusions(pmodel, head if recipe.keep_head_float else None, recipe)
         for kind, pats in unmatched.items():
@@ -715,7 +718,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         extra_meta = {"qbench_quant_engine": f"onnxruntime {ort.__version__} static QDQ",
                       "qbench_quant_method": recipe.method, "qbench_quant_version": __version__}
         if equalized is not None:
-            extra_meta[EQUALIZED_META] = str(recipe.equalize)
+            extra_meta[EQUALIZED_META] = equalization_tag(equalized)
         for k, v in [*meta.items(), *keep, *extra_meta.items()]:
             e = qmodel.metadata_props.add()
             e.key, e.value = k, str(v)
