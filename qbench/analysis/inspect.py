@@ -148,7 +148,8 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
     `int8` is one INT8 QDQ model (files into `out`), or several as {name: (int8 path, out folder)}, e.g. a recipe
     and its NPU-profile variants: they share the FP32 statistics pass and each gets its own files.
     """
-    from ..quantize.ort_engine import check_detector
+    from ..quantize.equalize import equalization_of
+    from ..quantize.ort_engine import EQUALIZED_FP32, check_detector
 
     fp32 = Path(fp32)
     models = ({str(k): (Path(v[0]), Path(v[1])) for k, v in int8.items()} if isinstance(int8, dict)
@@ -159,19 +160,17 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
     if imgsz is None:
         raise QbenchError(f"'{fp32}' has a dynamic input size; export it at a fixed size with `qbench export`.")
     ftensors = {o for n in fmodel.graph.node for o in n.output} | {i.name for i in fmodel.graph.input}
+    f_eq = equalization_of(fmodel)
     variants = {}
     for name, (path, folder) in models.items():
         qmodel = _load(path, "INT8 model")
-        from ..quantize.equalize import equalization_of
-        from ..quantize.ort_engine import EQUALIZED_FP32
-
-        if equalization_of(qmodel) != equalization_of(fmodel):  # recipe key equalize rescales tensor channels
+        q_eq = equalization_of(qmodel)
+        if q_eq != f_eq:  # recipe key equalize rescales tensor channels
             raise QbenchError(
                 f"'{path}' and '{fp32}' were not equalized alike (recipe key 'equalize' rescales channels of the "
                 f"float model's tensors), so their tensors cannot be compared one by one; "
                 + (f"pass the equalized FP32 model written next to it ({Path(path).with_name(EQUALIZED_FP32)}) "
-                   f"as the FP32 model." if equalization_of(qmodel) else
-                   f"pass the FP32 model it was quantized from."))
+                   f"as the FP32 model." if q_eq else "pass the FP32 model it was quantized from."))
         acts = activation_quantizers(qmodel)
         if not acts:
             raise QbenchError(f"'{path}' has no quantized activations (no QuantizeLinear nodes); pass the INT8 QDQ "

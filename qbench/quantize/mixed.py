@@ -77,10 +77,10 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
     with tempfile.TemporaryDirectory(prefix="qbench-mixed-") as td:
         work = Path(td)
         q_all = work / "int8.onnx"
-        # with equalize, layers fall back to the equalized FP32 weights (the same function as fp32_onnx)
-        fref = work / EQUALIZED_FP32 if rec.equalize > 0 else Path(fp32_onnx)
-        qrep = quantize_ort(fp32_onnx, q_all, rec, calib, progress=progress, threads=threads,
-                            save_equalized=fref if rec.equalize > 0 else None)
+        qrep = quantize_ort(fp32_onnx, q_all, rec, calib, progress=progress, threads=threads)
+        # with equalize, layers fall back to the equalized FP32 weights quantize_ort wrote next to q_all (the same
+        # function as fp32_onnx)
+        fref = q_all.with_name(EQUALIZED_FP32) if rec.equalize > 0 else Path(fp32_onnx)
         fmodel, qmodel = onnx.load(str(fref)), onnx.load(str(q_all))
         layers = conv_layers(qmodel)
         n_layers = len(layers)

@@ -133,10 +133,13 @@ def _layer_summary(ins: dict) -> tuple[list[str], list[list[str]]]:
               f"{causes.count('channels')} / {causes.count('rare values')}"]])
 
 
-RANGE_NOTE = ("Range set by: 'channels' when a tensor's largest channel range is at least 8x its median one "
-              "(per-channel equalization, recipe key equalize, can move it); 'rare values' when its max |value| is at "
-              "least 4x its 99.9th percentile with the channels alike (no per-channel rescaling can; only clipping, "
-              "which trades their error for the bulk's, or more bits).")
+def _range_note() -> str:
+    from ..analysis.inspect import CHANNEL_SPREAD_FLAG, TAIL_FLAG
+
+    return (f"Range set by: 'channels' when a tensor's largest channel range is at least {CHANNEL_SPREAD_FLAG:g}x "
+            f"its median one (per-channel equalization, recipe key equalize, can move it); 'rare values' when its "
+            f"max |value| is at least {TAIL_FLAG:g}x its 99.9th percentile with the channels alike (no per-channel "
+            f"rescaling can; only clipping, which trades their error for the bulk's, or more bits).")
 
 
 def _worst_table(ins: dict, k: int = 10) -> tuple[list[str], list[list[str]]]:
@@ -148,9 +151,9 @@ def _worst_table(ins: dict, k: int = 10) -> tuple[list[str], list[list[str]]]:
              "isolated dB", "cumulative dB"],
             [[r["layer"], r["producer"], _fmt(r["min"], 3), _fmt(r["max"], 3), _fmt(100 * r["negative_fraction"], 1),
               _fmt(r["neg_to_pos_ratio"], 3), _fmt(100 * plots._num(r["clip_fraction"]), 3),
-              _fmt(r.get("channel_range_spread"), 1), _fmt(range_diagnosis(r)[0], 1), range_diagnosis(r)[1] or "—",
+              _fmt(r.get("channel_range_spread"), 1), _fmt(tail, 1), cause or "—",
               _fmt(plots._num(r["sqnr_isolated_db"]), 1), _fmt(plots._num(r["sqnr_cumulative_db"]), 1)]
-             for r in rows])
+             for r, (tail, cause) in ((r, range_diagnosis(r)) for r in rows)])
 
 
 def _leaky_table(ins: dict, k: int = 15) -> tuple[list[str], list[list[str]]]:
@@ -321,8 +324,8 @@ def build(runs: list[dict]) -> tuple[str, str]:
     body.append("<h2>Per-layer quantization error</h2>")
     body.append('<p class="muted">Isolated: the FP32 activation quantized alone with the INT8 model\'s scale and '
                 "zero point. Cumulative: the INT8 model's own tensor, every earlier layer quantized too (QDQ graph "
-                "run as written). SQNR = 10·log10(signal power / error power). " + RANGE_NOTE + "</p>")
-    md += [RANGE_NOTE, ""]
+                "run as written). SQNR = 10·log10(signal power / error power). " + _range_note() + "</p>")
+    md += [_range_note(), ""]
     depth = {}
     for r in runs:
         for key, ins in r["inspect"].items():
