@@ -33,6 +33,7 @@ already there, so re-running the same command after an interruption resumes):
    fake-quant model's, which is checked).
 5. checks and scores: the QAT INT8 ONNX against the PyTorch fake-quant model on a few val images, the int8 kernels
    ORT fused, and FP32 / PTQ / QAT through `qbench.compare.compare` (one evaluation path, latency interleaved);
+   `summary.md` and `report.html` (qbench.report: the FP32 / PTQ / QAT table, the training per epoch, the checks);
    `qat.json` is written last (atomically): a folder with qat.json is a finished run.
 
 `u8_activations` (default on) writes int8 activation Q/DQ as uint8 with zero point + 128 in both INT8 models:
@@ -812,6 +813,33 @@ def match_onnx(model, onnx_path: str | os.PathLike, data, imgsz: int, n: int = M
     return out
 
 
+def qat_command(weights, data, out, recipe, profile, fusion, calib, epochs, imgsz, batch, lr0, device, workers,
+                u8_activations, learn_ranges, range_lr, distill, train_overrides: dict) -> str:
+    """The `qbench qat` command line that repeats a `qat()` call (options at their CLI defaults left out); calls
+    with ultralytics overrides the CLI has no option for say so instead."""
+    import shlex
+
+    q = lambda v: shlex.quote(str(v))  # noqa: E731
+    parts = ["qbench qat", f"--weights {q(weights)}", f"--data {q(data)}"]
+    parts += [f"--{k} {q(v)}" for k, v in (("recipe", recipe), ("profile", profile), ("fusion", fusion),
+                                            ("calib", calib)) if v is not None and not (k == "recipe" and
+                                                                                       v == "default")]
+    parts.append(f"--epochs {epochs}")
+    parts += [f"--{k} {v}" for k, v, default in (("imgsz", imgsz, None), ("batch", batch, 16), ("lr0", lr0, 1e-4),
+                                                 ("device", device, "cpu"), ("workers", workers, 2))
+              if v != default]
+    parts += ["--no-u8"] if not u8_activations else []
+    parts += [f"--learn-ranges --range-lr {range_lr:g}"] if learn_ranges else []
+    parts += [f"--distill {distill:g}"] if distill else []
+    rest = dict(train_overrides)
+    if rest.get("seed"):
+        parts.append(f"--seed {rest.pop('seed')}")
+    rest.pop("seed", None)
+    parts.append(f"--out {q(out)}")
+    cmd = " ".join(parts)
+    return cmd if not rest else f"qbench.qat.qat(...) with ultralytics overrides {rest} (no CLI option); nearest: {cmd}"
+
+
 # --------------------------------------------------------------------------- entry point
 def qat(weights: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, recipe: str | None = "default",
         profile: str | None = None, fusion: str | None = None, calib: str | os.PathLike | None = None,
@@ -831,6 +859,7 @@ def qat(weights: str | os.PathLike, data: str | os.PathLike, out: str | os.PathL
     from .models.load import checkpoint_imgsz, load_checkpoint
 
     t_all = time.time()
+    imgsz_arg = imgsz
     rec = _check_args(weights, data, out, epochs, recipe, profile, fusion, batch, lr0, device)
     if not isinstance(range_lr, (int, float)) or isinstance(range_lr, bool) or not 0 < range_lr < 1:
         raise QbenchError(f"range_lr {range_lr!r} must be a number between 0 and 1, e.g. {RANGE_LR}.")
@@ -953,7 +982,10 @@ def qat(weights: str | os.PathLike, data: str | os.PathLike, out: str | os.PathL
 
     sessions = train_info["sessions"]
     report = {
+        "command": qat_command(weights, data, out, recipe, profile, fusion, calib, epochs, imgsz_arg, batch, lr0,
+                               device, workers, u8_activations, learn_ranges, range_lr, distill, train_overrides),
         "weights": str(weights), "data": str(data), "out": str(out), "recipe": rec.name, "profile": profile,
+        "calibration": str(calib if calib is not None else out / "calibration.json"),
         "fusion": rec.activation_fusion, "u8_activations": u8_activations, "imgsz": imgsz,
         "activation_ranges": {"mode": "learned" if learn_ranges else "frozen at PTQ", "range_lr": range_lr,
                               "learned_tensors": len(placement["learned"]),
@@ -973,5 +1005,11 @@ def qat(weights: str | os.PathLike, data: str | os.PathLike, out: str | os.PathL
                      "python": platform.python_version()},
     }
     (out / "placement.json").write_text(json.dumps(placement, indent=2, default=str) + "\n")
+    if cmp is not None:  # summary.md + report.html (qbench.report): the table, the training, the checks
+        from .report.render import build, load_run
+
+        md, page = build([load_run(out, qat=report)])
+        _atomic_write_text(out / "summary.md", md)
+        _atomic_write_text(out / "report.html", page)
     _atomic_write_text(out / QAT_JSON, json.dumps(report, indent=2, default=str) + "\n")
     return report

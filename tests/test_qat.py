@@ -218,6 +218,26 @@ def test_tiny_qat_run_interrupted_resumes_and_exports_int8(tmp_path, default_wei
     assert m["ort_optimized"]["sqnr_db"] > m["baseline_float_torch"]["sqnr_db"] + 3, m
     assert set(r["compare"]["table"]) == {"fp32", "int8", "qat"}
     assert (out / "qat" / "int8.onnx").exists() and (out / "qat.pt").exists()
+    # the command that repeats the run, with options the CLI really has
+    import shlex
+
+    import typer.main
+
+    from qbench.cli import app
+
+    cmd = shlex.split(r["command"])
+    opts = {o for prm in typer.main.get_command(app).commands["qat"].params for o in prm.opts + prm.secondary_opts}
+    assert cmd[:2] == ["qbench", "qat"] and {a for a in cmd if a.startswith("--")} <= opts
+    for a in ("--profile npu-symmetric", "--fusion unfused", "--epochs 2", f"--imgsz {QAT_IMGSZ}", "--batch 4",
+              "--workers 0", "--learn-ranges", "--distill 1", f"--out {out}"):
+        assert a in r["command"], (a, r["command"])
+    # a person-readable report next to qat.json: the table, the training per epoch, the checks
+    md = (out / "summary.md").read_text()
+    assert "## Quantization-aware training" in md and "| 1 | " in md and "| 2 | " in md
+    row = next(line for line in md.splitlines() if line.startswith("| qat |"))
+    assert f"{r['compare']['table']['qat']['mAP50-95']:.4f}" in row
+    assert f"{r['kernels']['QLinearConv']} of {r['placement']['quantized_convs']}" in md
+    assert "<img" in (out / "report.html").read_text()  # the per-epoch chart
     with pytest.raises(QbenchError, match="finished QAT run"):
         qat(default_weights, synth_small, out, **kw)
 

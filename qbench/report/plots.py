@@ -23,6 +23,11 @@ def _plt():
     return plt
 
 
+def _palette(n: int) -> list:
+    """n colours: COLORS, or matplotlib's tab20 cycled when there are more series than that."""
+    return list(COLORS[:n]) if n <= len(COLORS) else [_plt().cm.tab20(i % 20) for i in range(n)]
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -45,7 +50,7 @@ def sqnr_along_depth(runs: dict[str, dict]) -> bytes | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(11, 4.2))
     few = len(runs) <= 2  # with more series, only the cumulative curves (one per run or variant)
-    palette = COLORS if len(runs) <= len(COLORS) else [_plt().cm.tab10(i % 10) for i in range(len(runs))]
+    palette = _palette(len(runs))
     for (name, ins), color in zip(runs.items(), palette):
         rows = [r for r in ins["layers"] if r["role"] == "quantized" and r["producer"] != "input"]
         x = np.array([r["depth"] for r in rows])  # the producer's position in the FP32 graph: aligns variants
@@ -108,7 +113,7 @@ def leaky_harm(runs: dict[str, dict], top: int = 20) -> bytes | None:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 0.28 * top + 1.2), squeeze=False)
-    for ax, ((name, ins), color) in zip(axes.ravel(), zip(runs.items(), COLORS)):
+    for ax, ((name, ins), color) in zip(axes.ravel(), zip(runs.items(), _palette(len(runs)))):
         rows = ins["leaky"][:top][::-1]
         ax.barh([r["layer"] for r in rows], [_num(r["harm_db"]) for r in rows], color=color)
         ax.set_xlabel("harm (dB below fused asymmetric)")
@@ -130,7 +135,7 @@ def delta_bars(rows: list[tuple[str, str, float]]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(variants) * len(runs) + 2), 3.6))
     w = 0.8 / len(runs)
     x = np.arange(len(variants))
-    for i, (run, color) in enumerate(zip(runs, COLORS)):
+    for i, (run, color) in enumerate(zip(runs, _palette(len(runs)))):
         ys = np.array([val.get((run, v), np.nan) for v in variants])
         bars = ax.bar(x + i * w - 0.4 + w / 2, ys, w, label=run, color=color)
         ax.bar_label(bars, labels=[("" if np.isnan(y) else f"{y:+.4f}") for y in ys], fontsize=7, padding=2)
@@ -171,4 +176,34 @@ def sensitivity_bars(sens: dict, top: int = 20) -> bytes | None:
         ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right")
     ax.set_title("Layer sensitivity: recovery of keeping one layer in FP32", fontsize=9)
     fig.tight_layout()
+    return _png(fig)
+
+
+def qat_curves(runs: dict[str, dict]) -> bytes | None:
+    """ultralytics' validation mAP50-95 of the fake-quant EMA after each QAT epoch, one line a run; the FP32 and
+    PTQ scores of the qbench evaluation as dotted levels (one pair per distinct baseline)."""
+    runs = {k: v for k, v in runs.items() if v and v.get("train_results")}
+    if not runs:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    palette = _palette(len(runs))
+    levels = {}
+    for (name, q), color in zip(runs.items(), palette):
+        rows = q["train_results"]
+        ax.plot([r["epoch"] for r in rows], [r.get("metrics/mAP50-95(B)", np.nan) for r in rows], "o-", ms=3,
+                color=color, label=name)
+        t = (q.get("compare") or {}).get("table", {})
+        for key, label in (("fp32", "FP32"), ("int8", "PTQ")):
+            if key in t:
+                levels.setdefault((label, round(t[key]["mAP50-95"], 4)), None)
+    for label, v in levels:
+        ax.axhline(v, color="k", lw=0.8, ls=":" if label == "FP32" else "--", alpha=0.7)
+        ax.annotate(f"{label} {v:.4f}", (1.0, v), xycoords=("axes fraction", "data"), fontsize=7, va="bottom",
+                    ha="right")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val mAP50-95 (ultralytics, EMA)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the lines stay readable
+    ax.grid(alpha=0.3)
+    ax.set_title("QAT: validation after each epoch", fontsize=9)
     return _png(fig)

@@ -2,7 +2,8 @@
 
 A report covers one run folder, or several side by side (e.g. a LeakyReLU
 model and its ReLU twin). From each it reads `run.json`, `model.json`,
-`compare.json` (every scored model variant: FP32, INT8, baselines, profiles)
+`compare.json` (every scored model variant: FP32, INT8, baselines, profiles),
+`qat.json` for a `qbench qat` folder (the training, its checks, per-epoch validation)
 and, when `qbench inspect` has been run, `inspect.json` + `histograms.npz`
 (also those of profile variants under `profiles/<name>/`). Nothing is
 recomputed: the report only lays out numbers the runs measured, each section
@@ -49,15 +50,21 @@ def _read_json(path: Path):
         return None
 
 
-def load_run(run_dir: str | os.PathLike) -> dict:
-    """Everything a report needs from one run folder."""
+def load_run(run_dir: str | os.PathLike, qat: dict | None = None) -> dict:
+    """Everything a report needs from one run folder (`qbench run`, or `qbench qat`: then `qat` is its qat.json,
+    read from the folder when not given)."""
     from ..analysis import read_histograms
 
     d = Path(run_dir)
     if not (d / "compare.json").is_file():
         raise QbenchError(f"'{d}' is not a finished qbench run folder (no compare.json); pass a folder written by "
-                          "`qbench run`.")
-    run = {"dir": d, "name": d.name, "info": _read_json(d / "run.json") or {},
+                          "`qbench run` or `qbench qat`.")
+    qat = qat if qat is not None else _read_json(d / "qat.json")
+    info = _read_json(d / "run.json") or {}
+    if qat and not info:
+        info = {"weights": qat.get("weights"), "command": qat.get("command", ""),
+                "recipe": qat.get("recipe")}
+    run = {"dir": d, "name": d.name, "info": info, "qat": qat,
            "model": _read_json(d / "model.json") or {}, "compare": _read_json(d / "compare.json"),
            "inspect": {}, "hists": {}, "sensitivity": {}, "mixed": {}}
     for kind in ("sensitivity", "mixed"):  # `qbench sensitivity --out RUN[/SUB]`, `qbench quantize --max-drop`
@@ -65,11 +72,13 @@ def load_run(run_dir: str | os.PathLike) -> dict:
             obj = _read_json(p)
             if obj is not None:
                 run[kind]["." if p.parent == d else p.parent.name] = obj
-    for ins_path in [d / "inspect.json", *sorted(d.glob("profiles/*/inspect.json"))]:
+    for ins_path in [d / "inspect.json", d / "ptq" / "inspect.json", d / "qat" / "inspect.json",
+                     *sorted(d.glob("profiles/*/inspect.json"))]:
         ins = _read_json(ins_path)
         if ins is None:
             continue
         folders = {v.get("folder"): row for row, v in run["compare"].get("variants", {}).items()}
+        folders.update({"ptq": "int8", "qat": "qat"} if qat else {})  # a QAT run: its PTQ and QAT models
         key = "int8" if ins_path.parent == d else folders.get(ins_path.parent.name, f"int8[{ins_path.parent.name}]")
         run["inspect"][key] = ins
         if (ins_path.parent / "histograms.npz").is_file():
@@ -269,7 +278,44 @@ def _img(png: bytes | None, alt: str) -> str:
 
 # ----------------------------------------------------------------------------- the report
 def _inspect_hint(run: dict) -> str:
+    q = run.get("qat")
+    if q:  # the QAT model against its own FP32 weights (qat-fp32.onnx), on the calibration images of the run
+        d = run["dir"]
+        return (f"qbench inspect --fp32 {d}/qat-fp32.onnx --int8 {d}/qat/int8.onnx --calib "
+                f"{q.get('calibration') or d / 'calibration.json'} --data {q.get('data')} --out {d}/qat")
     return f"qbench inspect {run['dir']}"
+
+
+def _qat_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["run", "profile", "epochs", "device", "fine-tuning s", "activation ranges", "distill", "PTQ mAP50-95",
+            "QAT mAP50-95", "QAT − PTQ [95% CI]", "PTQ loss recovered", "int8 convs", "ONNX vs fake-quant"]
+    rows = []
+    for r in runs:
+        q = r["qat"]
+        c = q.get("compare") or {}
+        t = c.get("table", {})
+        lo, hi = c.get("qat_minus_ptq_ci95") or (None, None)
+        rec = c.get("recovered_fraction")
+        k, m = q.get("kernels", {}), (q.get("onnx_vs_torch") or {}).get("ort_optimized", {})
+        rows.append([r["name"], f"{q.get('profile') or q.get('recipe')} ({q.get('fusion')})",
+                     f"{q.get('epochs_run')} of {q.get('epochs')}", str(q.get("device")),
+                     _fmt(q.get("train_seconds"), 0),
+                     q.get("activation_ranges", {}).get("mode", "frozen at PTQ"),  # runs from before learned ones
+                     _fmt(q.get("distill"), 1) if q.get("distill") else "—",
+                     _fmt(t.get("int8", {}).get("mAP50-95")), _fmt(t.get("qat", {}).get("mAP50-95")),
+                     f"{_fmt(c.get('qat_minus_ptq'), signed=True)} [{_fmt(lo, signed=True)}, {_fmt(hi, signed=True)}]",
+                     "—" if rec is None else f"{100 * rec:.0f}%",
+                     f"{k.get('QLinearConv')} of {k.get('quantized_convs')}",
+                     f"{m['sqnr_db']:.1f} dB" if "sqnr_db" in m else "—"])
+    return head, rows
+
+
+def _epoch_table(q: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["epoch", "train box", "train cls", "train dfl", "val mAP50", "val mAP50-95"]
+    rows = [[str(int(e.get("epoch", 0))), _fmt(e.get("train/box_loss"), 3), _fmt(e.get("train/cls_loss"), 3),
+             _fmt(e.get("train/dfl_loss"), 3), _fmt(e.get("metrics/mAP50(B)")), _fmt(e.get("metrics/mAP50-95(B)"))]
+            for e in q.get("train_results", [])]
+    return head, rows
 
 
 def build(runs: list[dict]) -> tuple[str, str]:
@@ -288,6 +334,10 @@ def build(runs: list[dict]) -> tuple[str, str]:
             body.append(f'<div class="card">{html.escape(r["name"])}<b>{c["int8"]["delta"]["mAP50-95"]:+.4f}</b>'
                         f'mAP50-95 INT8 vs FP32 ({c["fp32"]["metrics"]["mAP50-95"]:.4f} → '
                         f'{c["int8"]["metrics"]["mAP50-95"]:.4f}), {c["int8"]["speedup_batch1"]:.2f}x batch-1</div>')
+        if "qat" in c:
+            body.append(f'<div class="card">{html.escape(r["name"])}<b>{c["qat"]["delta"]["mAP50-95"]:+.4f}</b>'
+                        f'mAP50-95 QAT vs FP32 ({c["fp32"]["metrics"]["mAP50-95"]:.4f} → '
+                        f'{c["qat"]["metrics"]["mAP50-95"]:.4f}), {c["qat"]["speedup_batch1"]:.2f}x batch-1</div>')
     body.append("</div>")
 
     # ---- accuracy and speed
@@ -297,14 +347,15 @@ def build(runs: list[dict]) -> tuple[str, str]:
     for r in runs:
         c, info = r["compare"], r["info"]
         m = r["model"]
-        desc = (f"model `{info.get('weights', '?')}` ({m.get('params', 0) / 1e6:.2f} M params, imgsz "
+        params = f"{m['params'] / 1e6:.2f} M params, " if m.get("params") else ""
+        desc = (f"model `{info.get('weights', '?')}` ({params}imgsz "
                 f"{c['settings']['imgsz']}), data `{c['data'].get('yaml', '?')}` ({c['data']['split']}, "
                 f"{c['data']['images']} images), recipe `{info.get('recipe', '?')}`, {c['threads']} threads")
         cmd = info.get("command", "")
         head, rows = _accuracy_table(r)
-        md += [f"### {r['name']}", "", desc, "", f"Reproduce: `{cmd}`", "", _md(head, rows)]
-        body += [f"<h3>{html.escape(r['name'])}</h3>", f"<p>{html.escape(desc)}<br>Reproduce: <code>"
-                 f"{html.escape(cmd)}</code></p>", _html_table(head, rows)]
+        md += [f"### {r['name']}", "", desc, ""] + ([f"Reproduce: `{cmd}`", ""] if cmd else []) + [_md(head, rows)]
+        body += [f"<h3>{html.escape(r['name'])}</h3>", f"<p>{html.escape(desc)}" +
+                 (f"<br>Reproduce: <code>{html.escape(cmd)}</code>" if cmd else "") + "</p>", _html_table(head, rows)]
         ch, cr = _class_table(r)
         md += [_md(ch, cr)]
         body.append(_html_table(ch, cr))
@@ -318,6 +369,31 @@ def build(runs: list[dict]) -> tuple[str, str]:
                     "on the same images; SQNR from `qbench inspect`.")
             md += [f"### {title}", "", note, "", _md(*vt)]
             body += [f"<h3>{html.escape(title)}</h3><p class='muted'>{html.escape(note)}</p>", _html_table(*vt)]
+
+    # ---- quantization-aware training
+    qruns = [r for r in runs if r.get("qat")]
+    if qruns:
+        md += ["## Quantization-aware training", ""]
+        body.append("<h2>Quantization-aware training</h2>")
+        expl = ("PTQ: the recipe + profile applied to the FP32 model; QAT: the same quantizers, fake-quantized "
+                "during fine-tuning, exported and scored through the same path. QAT − PTQ: its 95% interval is a "
+                "paired bootstrap over the scored images. Recovered: (QAT − PTQ) / (FP32 − PTQ). int8 convs: "
+                "QLinearConv kernels in ORT's optimized graph, of the convs the recipe quantizes. ONNX vs fake-quant: "
+                "SQNR of the INT8 ONNX outputs against the PyTorch fake-quant model on a few val images.")
+        head, rows = _qat_table(qruns)
+        md += [expl, "", _md(head, rows)]
+        body += [f"<p class='muted'>{html.escape(expl)}</p>", _html_table(head, rows)]
+        note = ("Per epoch: ultralytics' own validation of the fake-quant EMA after each epoch (its val pipeline, "
+                "rectangular batches: close to, not the same as, the table above).")
+        md += [note, ""]
+        body.append(f"<p class='muted'>{html.escape(note)}</p>")
+        for r in qruns:
+            head, rows = _epoch_table(r["qat"])
+            if rows:
+                md += [f"### {r['name']}: per epoch", "", _md(head, rows)]
+                body += [f"<h3>{html.escape(r['name'])}: per epoch</h3>", _html_table(head, rows)]
+        body.append(_img(plots.qat_curves({r["name"]: r["qat"] for r in qruns}),
+                         "validation mAP50-95 per QAT epoch"))
 
     # ---- per-layer error
     md += ["## Per-layer quantization error", ""]
@@ -414,7 +490,7 @@ def build(runs: list[dict]) -> tuple[str, str]:
 def report(run_dirs: list[str | os.PathLike], out: str | os.PathLike | None = None) -> Path:
     """Write summary.md and report.html for the runs into `out` (default: the single run's folder)."""
     if not run_dirs:
-        raise QbenchError("pass at least one run folder written by `qbench run`.")
+        raise QbenchError("pass at least one run folder written by `qbench run` or `qbench qat`.")
     runs = [load_run(d) for d in run_dirs]
     if out is None:
         if len(runs) > 1:
