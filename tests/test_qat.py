@@ -238,6 +238,18 @@ def test_tiny_qat_run_interrupted_resumes_and_exports_int8(tmp_path, default_wei
     assert f"{r['compare']['table']['qat']['mAP50-95']:.4f}" in row
     assert f"{r['kernels']['QLinearConv']} of {r['placement']['quantized_convs']}" in md
     assert "<img" in (out / "report.html").read_text()  # the per-epoch chart
+    # inspecting the QAT model (the command the report prints) puts its per-layer error next to the PTQ model's
+    from qbench.analysis.inspect import inspect_run
+    from qbench.report.render import report
+
+    hint = f"--out {out}/qat"
+    assert hint in md
+    inspect_run(fp32=out / "qat-fp32.onnx", int8=out / "qat" / "int8.onnx", calib=out / "calibration.json",
+                data=synth_small, out=out / "qat", images=4, error_images=2)
+    report([out])
+    md = (out / "summary.md").read_text()
+    assert f"### {out.name} qat" in md and f"Reproduce: `qbench inspect --fp32 {out}/qat-fp32.onnx" in md
+    assert "No per-layer analysis" not in md
     with pytest.raises(QbenchError, match="finished QAT run"):
         qat(default_weights, synth_small, out, **kw)
 
