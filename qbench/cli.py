@@ -396,7 +396,8 @@ def qat(
                    f"PTQ value")
     k, m = r["kernels"], r["onnx_vs_torch"]
     typer.echo(f"{k['QLinearConv']} of {k['quantized_convs']} quantized convs run as QLinearConv; QAT ONNX vs "
-               f"PyTorch fake-quant: {m['ort_optimized']['sqnr_db']:.1f} dB SQNR; wrote {out}/qat.json")
+               f"PyTorch fake-quant: {m['ort_optimized']['sqnr_db']:.1f} dB SQNR")
+    typer.echo(f"wrote {out}/qat.json, summary.md, report.html")
 
 
 @app.command()
