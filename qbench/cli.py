@@ -313,7 +313,8 @@ def run(
 
 @app.command()
 def inspect(
-    run_dir: Optional[Path] = typer.Argument(None, help="A `qbench run` folder (fp32.onnx, int8.onnx, run.json)."),
+    run_dir: Optional[Path] = typer.Argument(None, help="A `qbench run` folder (fp32.onnx, int8.onnx, run.json), or "
+                                             "a `qbench qat` folder (its PTQ and QAT models, into ptq/ and qat/)."),
     fp32: Optional[Path] = typer.Option(None, "--fp32", help="FP32 .onnx (default: RUN_DIR/fp32.onnx, or "
                                         "the fp32-equalized.onnx next to an equalized INT8 model)."),
     int8: Optional[Path] = typer.Option(None, "--int8", help="INT8 QDQ .onnx (default: RUN_DIR/int8.onnx)."),
@@ -344,7 +345,8 @@ def inspect(
         s = v["summary"]
         typer.echo(f"  variant {name}: output SQNR {s['output_sqnr_db']:.1f} dB, median per-tensor "
                    f"SQNR {s['median_isolated_sqnr_db']:.1f} dB ({v['out']})")
-    typer.echo(f"wrote {out or run_dir}/layers.csv, leaky.csv, weights.csv, histograms.npz, inspect.json "
+    where = r.get("out") or out or run_dir  # a QAT folder: the QAT model's files in qat/ (PTQ's: the variant line)
+    typer.echo(f"wrote {where}/layers.csv, leaky.csv, weights.csv, histograms.npz, inspect.json "
                f"({r['seconds']['total']:.1f} s)")
 
 

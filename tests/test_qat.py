@@ -238,17 +238,20 @@ def test_tiny_qat_run_interrupted_resumes_and_exports_int8(tmp_path, default_wei
     assert f"{r['compare']['table']['qat']['mAP50-95']:.4f}" in row
     assert f"{r['kernels']['QLinearConv']} of {r['placement']['quantized_convs']}" in md
     assert "<img" in (out / "report.html").read_text()  # the per-epoch chart
-    # inspecting the QAT model (the command the report prints) puts its per-layer error next to the PTQ model's
+    # `qbench inspect QAT_DIR` (what the report says to run): the PTQ and the QAT model, each against its own FP32
+    # model, into ptq/ and qat/; the re-rendered report puts them side by side
     from qbench.analysis.inspect import inspect_run
     from qbench.report.render import report
 
-    hint = f"--out {out}/qat"
-    assert hint in md
-    inspect_run(fp32=out / "qat-fp32.onnx", int8=out / "qat" / "int8.onnx", calib=out / "calibration.json",
-                data=synth_small, out=out / "qat", images=4, error_images=2)
+    assert f"qbench inspect {out}`" in md
+    with pytest.raises(QbenchError, match="QAT folder"):
+        inspect_run(out, fp32=out / "fp32.onnx")
+    ins = inspect_run(out, images=4, error_images=2)
+    assert ins["out"] == str(out / "qat") and set(ins["other_variants"]) == {"ptq"}
+    assert json.loads((out / "ptq" / "inspect.json").read_text())["summary"]["quantized_tensors"] > 100
     report([out])
     md = (out / "summary.md").read_text()
-    assert f"### {out.name} qat" in md and f"Reproduce: `qbench inspect --fp32 {out}/qat-fp32.onnx" in md
+    assert f"### {out.name} qat" in md and "| int8 | recipe |" in md and "| qat | recipe |" in md
     assert "No per-layer analysis" not in md
     with pytest.raises(QbenchError, match="finished QAT run"):
         qat(default_weights, synth_small, out, **kw)

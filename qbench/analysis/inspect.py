@@ -187,7 +187,7 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
     watched = set()
     for v in variants.values():
         watched |= set(v["acts"]) | {lk.pre for lk in v["leaks"]} | {lk.post for lk in v["leaks"]}
-    watched = sorted(watched, key=order.__getitem__)
+    watched = sorted(watched, key=lambda t: (order[t], t))  # ties (a Split's outputs): by name, so runs diff cleanly
     t_start = time.perf_counter()
 
     # ---- pass 1: statistics over the calibration images (FP32 activations: shared by every variant)
@@ -389,6 +389,30 @@ def _resolve(run_dir: Path, recorded: str | None) -> Path | None:
     return None
 
 
+def _inspect_qat_run(run: Path, fp32, int8, calib, data, out, **kw) -> dict:
+    """A `qbench qat` folder: its PTQ model against fp32.onnx (into ptq/) and its QAT model against its own FP32
+    weights, qat-fp32.onnx (into qat/); the QAT model's inspect.json, with the PTQ one's summary as a variant."""
+    import json
+
+    if fp32 or int8:
+        raise QbenchError(f"'{run}' is a QAT folder, whose models are fixed (fp32.onnx + ptq/int8.onnx, "
+                          "qat-fp32.onnx + qat/int8.onnx); to inspect other models pass --fp32/--int8 without it.")
+    q = json.loads((run / "qat.json").read_text(encoding="utf-8"))
+    calib = Path(calib) if calib else (_resolve(run, q.get("calibration")) or _resolve(run, "calibration.json"))
+    data = Path(data) if data else _resolve(run, q.get("data"))
+    out = Path(out) if out else run
+    pairs = {"ptq": (run / "fp32.onnx", run / "ptq" / "int8.onnx"), "qat": (run / "qat-fp32.onnx",
+                                                                            run / "qat" / "int8.onnx")}
+    missing = [str(m) for pair in pairs.values() for m in pair if not m.is_file()]
+    if missing:
+        raise QbenchError(f"'{run}' lacks {', '.join(missing)}; re-run its `qbench qat` command to finish it "
+                          f"(ONNX files are not committed with results).")
+    done = {k: inspect_run(None, fp32=f, int8=i, calib=calib, data=data, out=out / k, variants=False, **kw)
+            for k, (f, i) in pairs.items()}
+    return {**done["qat"], "out": str(out / "qat"),
+            "other_variants": {"ptq": {"out": str(out / "ptq"), "summary": done["ptq"]["summary"]}}}
+
+
 def inspect_run(run_dir: str | os.PathLike | None = None, *, fp32: str | os.PathLike | None = None,
                 int8: str | os.PathLike | None = None, calib: str | os.PathLike | None = None,
                 data: str | os.PathLike | None = None, out: str | os.PathLike | None = None, images: int = 128,
@@ -396,7 +420,8 @@ def inspect_run(run_dir: str | os.PathLike | None = None, *, fp32: str | os.Path
                 variants: bool = True, progress: bool = False) -> dict:
     """`qbench inspect`: the models, calibration manifest and data of a `qbench run` folder (each overridable),
     statistics on the first `images` calibration images, error on the first `error_images` val images. With
-    `variants`, the run's NPU-profile variants (profiles/*/int8.onnx) too, each into its own folder."""
+    `variants`, the run's NPU-profile variants (profiles/*/int8.onnx) too, each into its own folder. A `qbench qat`
+    folder: its PTQ and its QAT model, each against its own FP32 model (see _inspect_qat_run)."""
     import json
 
     from ..calibration import load_manifest
@@ -405,10 +430,13 @@ def inspect_run(run_dir: str | os.PathLike | None = None, *, fp32: str | os.Path
 
     run = Path(run_dir) if run_dir else None
     info = {}
+    if run is not None and not (run / "run.json").is_file() and (run / "qat.json").is_file():
+        return _inspect_qat_run(run, fp32, int8, calib, data, out, images=images, error_images=error_images,
+                                bins=bins, threads=threads, progress=progress)
     if run is not None:
         if not (run / "run.json").is_file():
-            raise QbenchError(f"'{run}' is not a qbench run folder (no run.json); pass the folder `qbench run` "
-                              "wrote, or --fp32/--int8/--calib/--data.")
+            raise QbenchError(f"'{run}' is not a qbench run folder (no run.json or qat.json); pass a folder "
+                              "`qbench run` or `qbench qat` wrote, or --fp32/--int8/--calib/--data.")
         info = json.loads((run / "run.json").read_text(encoding="utf-8"))
     int8 = Path(int8) if int8 else (run / "int8.onnx" if run else None)
     if not fp32 and run is not None and int8 is not None and int8.with_name(EQUALIZED_FP32).is_file():

@@ -277,17 +277,8 @@ def _img(png: bytes | None, alt: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the report
-def _inspect_hint(run: dict, key: str = "qat") -> str:
-    """The command that wrote the run's inspection `key`. A QAT run has two: its PTQ model against fp32.onnx
-    ("int8", into ptq/) and its QAT model against its own FP32 weights, qat-fp32.onnx ("qat", into qat/)."""
-    q = run.get("qat")
-    if q:
-        d = run["dir"]
-        fp32, int8, sub = ("fp32.onnx", "ptq/int8.onnx", "ptq") if key == "int8" else \
-            ("qat-fp32.onnx", "qat/int8.onnx", "qat")
-        return (f"qbench inspect --fp32 {d}/{fp32} --int8 {d}/{int8} --calib "
-                f"{q.get('calibration') or d / 'calibration.json'} --data {q.get('data')} --out {d}/{sub}")
-    return f"qbench inspect {run['dir']}"
+def _inspect_hint(run: dict) -> str:
+    return f"qbench inspect {run['dir']}"  # a qbench qat folder too: its PTQ and QAT models, into ptq/ and qat/
 
 
 def _qat_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -420,9 +411,9 @@ def build(runs: list[dict]) -> tuple[str, str]:
             src = ins.get("source", {})
             note = (f"{ins['images']['statistics']} calibration images for statistics, {ins['images']['error']} "
                     f"val images for error ({src.get('data', '')}).")
-            md += [f"### {label}", "", note, "", f"Reproduce: `{_inspect_hint(r, key)}`", "", _md(head, rows),
+            md += [f"### {label}", "", note, "", f"Reproduce: `{_inspect_hint(r)}`", "", _md(head, rows),
                    "Worst tensors (isolated SQNR):", "", _md(*_worst_table(ins))]
-            section = [f"<p class='muted'>{html.escape(note)} Reproduce: <code>{html.escape(_inspect_hint(r, key))}"
+            section = [f"<p class='muted'>{html.escape(note)} Reproduce: <code>{html.escape(_inspect_hint(r))}"
                        "</code></p>", _html_table(head, rows), "<p>Worst tensors (isolated SQNR):</p>",
                        _html_table(*_worst_table(ins))]
             if key == "int8":
@@ -486,8 +477,7 @@ def build(runs: list[dict]) -> tuple[str, str]:
                     if chart is not None:
                         body.append(_img(chart(obj), f"layer {title}"))
 
-    commands = [r["info"].get("command", "") for r in runs] + list(dict.fromkeys(
-        _inspect_hint(r, k) for r in runs for k in r["inspect"]))
+    commands = [r["info"].get("command", "") for r in runs] + [_inspect_hint(r) for r in runs if r["inspect"]]
     md += ["## Reproduce", ""] + [f"- `{c}`" for c in commands if c] + \
           [f"- `qbench report {' '.join(str(r['dir']) for r in runs)}`", ""]
     body.append("<h2>Reproduce</h2><ul>" + "".join(f"<li><code>{html.escape(c)}</code></li>" for c in commands if c)
