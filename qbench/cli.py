@@ -355,7 +355,9 @@ def qat(
     weights: Path = typer.Option(..., "--weights", help="Trained checkpoint (best.pt)."),
     data: Path = typer.Option(..., "--data", help="data.yaml: train split to fine-tune and calibrate, val to score."),
     out: Path = typer.Option(..., "--out", help="Run folder; re-run the same command to resume an interrupted run."),
-    recipe: str = typer.Option("default", "--recipe", help="Recipe name in configs/recipes/ or a YAML path."),
+    recipe: str = typer.Option("default", "--recipe", help="Recipe name in configs/recipes/ or a YAML path; its "
+                                "calibrated ranges start the fake quantization (power-of-two profiles: "
+                                "percentile-9999)."),
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
     fusion: Optional[str] = typer.Option(None, "--fusion", help=FUSION_HELP),
     calib_manifest: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest (default: sampled "
