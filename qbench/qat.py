@@ -819,11 +819,12 @@ def qat_command(weights, data, out, recipe, profile, fusion, calib, epochs, imgs
     with ultralytics overrides the CLI has no option for say so instead."""
     import shlex
 
-    q = lambda v: shlex.quote(str(v))  # noqa: E731
+    def q(v) -> str:
+        return shlex.quote(str(v))
+
     parts = ["qbench qat", f"--weights {q(weights)}", f"--data {q(data)}"]
-    parts += [f"--{k} {q(v)}" for k, v in (("recipe", recipe), ("profile", profile), ("fusion", fusion),
-                                            ("calib", calib)) if v is not None and not (k == "recipe" and
-                                                                                       v == "default")]
+    parts += [f"--{k} {q(v)}" for k, v in (("recipe", None if recipe == "default" else recipe), ("profile", profile),
+                                            ("fusion", fusion), ("calib", calib)) if v is not None]
     parts.append(f"--epochs {epochs}")
     parts += [f"--{k} {v}" for k, v, default in (("imgsz", imgsz, None), ("batch", batch, 16), ("lr0", lr0, 1e-4),
                                                  ("device", device, "cpu"), ("workers", workers, 2))
@@ -832,9 +833,8 @@ def qat_command(weights, data, out, recipe, profile, fusion, calib, epochs, imgs
     parts += [f"--learn-ranges --range-lr {range_lr:g}"] if learn_ranges else []
     parts += [f"--distill {distill:g}"] if distill else []
     rest = dict(train_overrides)
-    if rest.get("seed"):
-        parts.append(f"--seed {rest.pop('seed')}")
-    rest.pop("seed", None)
+    seed = rest.pop("seed", 0)
+    parts += [f"--seed {seed}"] if seed else []
     parts.append(f"--out {q(out)}")
     cmd = " ".join(parts)
     return cmd if not rest else f"qbench.qat.qat(...) with ultralytics overrides {rest} (no CLI option); nearest: {cmd}"
@@ -1006,10 +1006,8 @@ def qat(weights: str | os.PathLike, data: str | os.PathLike, out: str | os.PathL
     }
     (out / "placement.json").write_text(json.dumps(placement, indent=2, default=str) + "\n")
     if cmp is not None:  # summary.md + report.html (qbench.report): the table, the training, the checks
-        from .report.render import build, load_run
+        from .report.render import load_run, write_report
 
-        md, page = build([load_run(out, qat=report)])
-        _atomic_write_text(out / "summary.md", md)
-        _atomic_write_text(out / "report.html", page)
+        write_report([load_run(out, qat=report)], out)  # qat.json is not written yet: the report comes from memory
     _atomic_write_text(out / QAT_JSON, json.dumps(report, indent=2, default=str) + "\n")
     return report

@@ -496,6 +496,11 @@ def report(run_dirs: list[str | os.PathLike], out: str | os.PathLike | None = No
         if len(runs) > 1:
             raise QbenchError("a side-by-side report of several runs needs --out FOLDER.")
         out = runs[0]["dir"]
+    return write_report(runs, out)
+
+
+def write_report(runs: list[dict], out: str | os.PathLike) -> Path:
+    """summary.md and report.html of loaded runs (`load_run`) into `out`, each written whole or not at all."""
     out = Path(out)
     md, page = build(runs)
     out.mkdir(parents=True, exist_ok=True)
