@@ -316,7 +316,7 @@ def inspect(
     run_dir: Optional[Path] = typer.Argument(None, help="A `qbench run` folder (fp32.onnx, int8.onnx, run.json), or "
                                              "a `qbench qat` folder (its PTQ and QAT models, into ptq/ and qat/)."),
     fp32: Optional[Path] = typer.Option(None, "--fp32", help="FP32 .onnx (default: RUN_DIR/fp32.onnx, or "
-                                        "the fp32-equalized.onnx next to an equalized INT8 model)."),
+                                        "the fp32-prepared.onnx next to an INT8 model whose recipe transforms the float graph)."),
     int8: Optional[Path] = typer.Option(None, "--int8", help="INT8 QDQ .onnx (default: RUN_DIR/int8.onnx)."),
     calib_manifest: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest (default: the run's)."),
     data: Optional[Path] = typer.Option(None, "--data", help="data.yaml; error is measured on its val split."),

@@ -546,6 +546,9 @@ def _check_args(weights, data, out, epochs, recipe, profile, fusion, batch, lr0,
     if not w.is_file():
         raise QbenchError(f"Weights file '{w}' does not exist; pass the path of a trained best.pt.")
     rec = apply_profile(recipe, profile, fusion)  # QbenchError for unknown recipe/profile/fusion
+    if rec.shift_negative:
+        raise QbenchError(f"recipe {rec.name} sets 'shift_negative', which QAT does not support yet (the fake "
+                          "quantization would need the same shifts in the PyTorch model); use a recipe without it.")
     load_data_yaml(data, require=("train", "val"))
     o = Path(out)
     if o.exists() and not o.is_dir():
@@ -576,7 +579,7 @@ def _ptq_stage(weights: Path, data, out: Path, rec, calib, imgsz: int, u8: bool,
         plain = out / "fp32-unequalized.onnx"  # model takes too (equalize.json)
         export_onnx(weights, plain, imgsz=imgsz)
         rep = quantize_ort(plain, ptq, rec, calib, imgsz=imgsz, progress=progress, save_ranges=ranges,
-                           u8_activations=u8, save_equalized=fp32)
+                           u8_activations=u8, save_prepared=fp32)
         plain.unlink()
         _atomic_write_text(out / EQUALIZE_JSON, json.dumps(rep["equalize"], indent=2) + "\n")
     else:

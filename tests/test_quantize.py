@@ -101,6 +101,7 @@ def test_recipe_unknown_key_and_bad_values(tmp_path):
         "exclude: [1, 2]": ("'exclude'", "glob patterns"),
         "equalize: 2": ("'equalize'", "from 0 (off) to 1"),
         "equalize: half": ("'equalize'", "from 0 (off) to 1"),
+        "shift_negative: sometimes": ("'shift_negative'", "true or false"),
     }
     for text, (key, allowed) in cases.items():
         f.write_text(text + "\n")
@@ -429,8 +430,8 @@ def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_p
 
     from qbench.calibration import CalibrationReader, load_manifest
     from qbench.models.export import export_onnx
-    from qbench.quantize.equalize import channel_ranges, equalization_of, equalize, find_chains
-    from qbench.quantize.ort_engine import EQUALIZED_FP32, EQUALIZED_META
+    from qbench.quantize.equalize import channel_ranges, equalize, find_chains
+    from qbench.quantize.ort_engine import PREPARED_FP32, PREPARED_META, preparation_of
 
     fp32 = export_onnx(REPO / "results/training/synth-l3-leaky-320/weights/best.pt", tmp_path / "fp32.onnx",
                        imgsz=96)
@@ -457,15 +458,15 @@ def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_p
     r = quantize_ort(fp32, tmp_path / "int8.onnx", rec, calib)  # writes its float reference next to it
     assert r["equalize"]["chains"] == len(chains) and r["qlinear_ops"]["QLinearConv"] > 50
     q = onnx.load(str(tmp_path / "int8.onnx"))
-    tag = {p.key: p.value for p in q.metadata_props}[EQUALIZED_META]
-    assert tag.startswith("0.5 ") and equalization_of(onnx.load(str(tmp_path / EQUALIZED_FP32))) == tag
+    tag = {p.key: p.value for p in q.metadata_props}[PREPARED_META]
+    assert tag.startswith("equalize 0.5 ") and preparation_of(onnx.load(str(tmp_path / PREPARED_FP32))) == tag
     with pytest.raises(QbenchError, match="precomputed ranges"):
         quantize_ort(fp32, tmp_path / "x.onnx", rec, None, ranges=tmp_path / "ranges.json")
     from qbench.quantize.fallback import conv_layers, keep_float
 
     with pytest.raises(QbenchError, match="equalize"):  # float fallback would mix rescaled and original weights
         keep_float(q, onnx.load(str(fp32)), conv_layers(q)[:1])
-    feq = onnx.load(str(tmp_path / EQUALIZED_FP32))  # ... so it falls back to the equalized FP32 weights
+    feq = onnx.load(str(tmp_path / PREPARED_FP32))  # ... so it falls back to the equalized FP32 weights
     y2 = ort.InferenceSession(feq.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_allclose(y2, y0, rtol=1e-3, atol=1e-2 * np.abs(y0).max())
     layers = conv_layers(q)
@@ -475,13 +476,72 @@ def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_p
     assert np.abs(y3 - y0).mean() < np.abs(y4 - y0).mean()
     from qbench.analysis.inspect import inspect_models
 
-    with pytest.raises(QbenchError, match=EQUALIZED_FP32):  # its tensors are not the original FP32 model's ...
+    with pytest.raises(QbenchError, match=PREPARED_FP32):  # its tensors are not the original FP32 model's ...
         inspect_models(fp32, tmp_path / "int8.onnx", paths[:2], paths[:2], out=tmp_path / "inspect")
     quantize_ort(fp32, tmp_path / "plain" / "int8.onnx", rec.replace(equalize=0.0), calib)
     with pytest.raises(QbenchError, match="quantized from"):  # ... nor the equalized FP32's those of a plain INT8
-        inspect_models(tmp_path / EQUALIZED_FP32, tmp_path / "plain" / "int8.onnx", paths[:2], paths[:2],
+        inspect_models(tmp_path / PREPARED_FP32, tmp_path / "plain" / "int8.onnx", paths[:2], paths[:2],
                        out=tmp_path / "inspect")
-    res = inspect_models(tmp_path / EQUALIZED_FP32, tmp_path / "int8.onnx", paths[:2], paths[2:4],
+    res = inspect_models(tmp_path / PREPARED_FP32, tmp_path / "int8.onnx", paths[:2], paths[2:4],
                          out=tmp_path / "inspect")  # ... but they are the equalized FP32 model's
     s = res["summary"]  # every tensor, the rescaled ones included, close to its float reference (16.7 / 32 dB here)
     assert s["quantized_tensors"] > 100 and s["min_cumulative_sqnr_db"] > 10 and s["output_sqnr_db"] > 25
+
+
+def test_shift_negative_keeps_the_float_function_and_gives_symmetric_int8_the_asymmetric_step(calib, tmp_path):
+    import onnxruntime as ort
+
+    from qbench.calibration import load_manifest
+    from qbench.models.export import export_onnx
+    from qbench.quantize.fallback import conv_layers, keep_float
+    from qbench.quantize.ort_engine import PREPARED_FP32, PREPARED_META, preparation_of
+    from qbench.quantize.profile import apply_profile
+    from qbench.quantize.shift import SHIFT_SUFFIX, shift_negative
+
+    fp32 = export_onnx(REPO / "results/training/synth-l3-leaky-320/weights/best.pt", tmp_path / "fp32.onnx",
+                       imgsz=96)
+    model = onnx.load(str(fp32))
+    n_leaky = sum(n.op_type == "LeakyRelu" for n in model.graph.node)
+    _, paths = load_manifest(calib)
+    name = model.graph.input[0].name
+    rep = shift_negative(model, CalibrationReader(paths, 96, name), images=8)
+    shifted = {s["tensor"]: s for s in rep["shifted"]}
+    assert name in shifted and abs(shifted[name]["shift"] - 0.5) < 0.05  # the [0, 1] image, centred
+    assert len(shifted) > 0.9 * n_leaky and not rep["undone"]  # Split, Concat, Add, MaxPool, Resize carry shifts
+    assert rep["pads_added"] > 10 and rep["absorbed_by_conv"] >= len(shifted)
+    x = CalibrationReader(paths, 96, name, batch=len(paths)).get_next()
+    y0 = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    y1 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(y1, y0, rtol=1e-3, atol=1e-3 * np.abs(y0).max())  # the same function in float
+
+    def err(q):
+        y = ort.InferenceSession(str(q), providers=["CPUExecutionProvider"]).run(None, x)[0]
+        return float(np.mean((y - y0) ** 2))
+
+    for fusion in ("fused", "unfused"):
+        plain = apply_profile("default", "npu-symmetric", fusion).replace(calib_size=12)
+        rec = plain.replace(shift_negative=True)
+        r = quantize_ort(fp32, tmp_path / fusion / "int8.onnx", rec, calib)
+        assert r["constraints"]["shift_negative"]["qdq_pairs_removed"] == len(shifted) - 1  # the input has none
+        quantize_ort(fp32, tmp_path / fusion / "plain.onnx", plain, calib)
+        q = onnx.load(str(tmp_path / fusion / "int8.onnx"))
+        prod = {o: n for n in q.graph.node for o in n.output}
+        adds = [n for n in q.graph.node if n.name.endswith(SHIFT_SUFFIX)]
+        assert len(adds) == len(shifted)
+        for a in adds:  # the activation and its shift are one op: nothing quantized between them, the output is
+            assert prod.get(a.input[0]) is None or prod[a.input[0]].op_type == "LeakyRelu"
+            assert all(c.op_type == "QuantizeLinear" for c in q.graph.node if a.output[0] in c.input)
+        # centred tensors on the symmetric grid: measurably closer to FP32 than without the shifts
+        assert err(tmp_path / fusion / "int8.onnx") < 0.9 * err(tmp_path / fusion / "plain.onnx"), fusion
+        assert r["shift_negative"]["snapped_to_grid"] == len(shifted)  # the Pads pad with values on the grid
+
+    tag = {p.key: p.value for p in q.metadata_props}[PREPARED_META]
+    prepared = onnx.load(str(tmp_path / "unfused" / PREPARED_FP32))
+    assert tag.startswith("shift_negative ") and preparation_of(prepared) == tag
+    with pytest.raises(QbenchError, match="shift_negative"):  # the shifts come from calibration images
+        quantize_ort(fp32, tmp_path / "x.onnx", rec, None, ranges=tmp_path / "ranges.json")
+    with pytest.raises(QbenchError, match="prepared alike"):  # fallback to the unshifted weights would be wrong ...
+        keep_float(q, onnx.load(str(fp32)), conv_layers(q)[:1])
+    mixed = keep_float(q, prepared, conv_layers(q))  # ... to the shifted ones: every conv float, close to FP32
+    y3 = ort.InferenceSession(mixed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert float(np.mean((y3 - y0) ** 2)) < err(tmp_path / "unfused" / "int8.onnx")

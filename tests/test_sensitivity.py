@@ -156,6 +156,7 @@ def test_max_drop_falls_back_layers_or_says_it_cannot(small_run, synth_small, cl
         assert m == pytest.approx(r["mixed_mAP50-95"], abs=1e-5)
         names = {x.name for x in conv_layers(onnx.load(str(out)))}
         assert not names & {f["layer"] for f in r["float_layers"]}
+        assert out.with_name("fp32-prepared.onnx").is_file() == bool(equalize)  # what inspect compares it with
     assert (out.parent / "sensitivity.csv").is_file()
     kept = [t for t in r["trials"][1:] if t["kept"]]
     assert [t["float_layers"][-1] for t in kept] == [f["layer"] for f in r["float_layers"]]

@@ -148,8 +148,7 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
     `int8` is one INT8 QDQ model (files into `out`), or several as {name: (int8 path, out folder)}, e.g. a recipe
     and its NPU-profile variants: they share the FP32 statistics pass and each gets its own files.
     """
-    from ..quantize.equalize import equalization_of
-    from ..quantize.ort_engine import EQUALIZED_FP32, check_detector
+    from ..quantize.ort_engine import PREPARED_FP32, check_detector, preparation_of
 
     fp32 = Path(fp32)
     models = ({str(k): (Path(v[0]), Path(v[1])) for k, v in int8.items()} if isinstance(int8, dict)
@@ -160,16 +159,16 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
     if imgsz is None:
         raise QbenchError(f"'{fp32}' has a dynamic input size; export it at a fixed size with `qbench export`.")
     ftensors = {o for n in fmodel.graph.node for o in n.output} | {i.name for i in fmodel.graph.input}
-    f_eq = equalization_of(fmodel)
+    f_eq = preparation_of(fmodel)
     variants = {}
     for name, (path, folder) in models.items():
         qmodel = _load(path, "INT8 model")
-        q_eq = equalization_of(qmodel)
-        if q_eq != f_eq:  # recipe key equalize rescales tensor channels
+        q_eq = preparation_of(qmodel)
+        if q_eq != f_eq:  # recipe keys equalize and shift_negative rescale and shift tensors
             raise QbenchError(
-                f"'{path}' and '{fp32}' were not equalized alike (recipe key 'equalize' rescales channels of the "
-                f"float model's tensors), so their tensors cannot be compared one by one; "
-                + (f"pass the equalized FP32 model written next to it ({Path(path).with_name(EQUALIZED_FP32)}) "
+                f"'{path}' and '{fp32}' were not prepared alike (recipe keys 'equalize' and 'shift_negative' "
+                f"rescale and shift the float model's tensors), so their tensors cannot be compared one by one; "
+                + (f"pass the prepared FP32 model written next to it ({Path(path).with_name(PREPARED_FP32)}) "
                    f"as the FP32 model." if q_eq else "pass the FP32 model it was quantized from."))
         acts = activation_quantizers(qmodel)
         if not acts:
@@ -426,7 +425,7 @@ def inspect_run(run_dir: str | os.PathLike | None = None, *, fp32: str | os.Path
 
     from ..calibration import load_manifest
     from ..data.dataset import image_files, load_data_yaml
-    from ..quantize.ort_engine import EQUALIZED_FP32
+    from ..quantize.ort_engine import PREPARED_FP32
 
     run = Path(run_dir) if run_dir else None
     info = {}
@@ -439,8 +438,8 @@ def inspect_run(run_dir: str | os.PathLike | None = None, *, fp32: str | os.Path
                               "`qbench run` or `qbench qat` wrote, or --fp32/--int8/--calib/--data.")
         info = json.loads((run / "run.json").read_text(encoding="utf-8"))
     int8 = Path(int8) if int8 else (run / "int8.onnx" if run else None)
-    if not fp32 and run is not None and int8 is not None and int8.with_name(EQUALIZED_FP32).is_file():
-        fp32 = int8.with_name(EQUALIZED_FP32)  # an equalized INT8 model: its own float reference
+    if not fp32 and run is not None and int8 is not None and int8.with_name(PREPARED_FP32).is_file():
+        fp32 = int8.with_name(PREPARED_FP32)  # a prepared INT8 model: its own float reference
     fp32 = Path(fp32) if fp32 else (run / "fp32.onnx" if run else None)
     calib = Path(calib) if calib else (_resolve(run, info.get("calibration")) if run else None)
     data = Path(data) if data else (_resolve(run, info.get("data")) if run else None)

@@ -31,7 +31,7 @@ REMEDIES = {
     "fused": "fuse Conv+LeakyReLU (quantize only the activation's output)",
     "asymmetric": "asymmetric activation range (zero point free)",
     "shift_negative": "shift-negative correction: shift the output by its mid-range before a symmetric int8 "
-                      "quantizer and fold the shift into the next layer's bias",
+                      "quantizer and fold the shift into the next layer's bias (recipe shift-negative)",
     "percentile": "percentile clipping of the range (99.99th)",
     "fp32_fallback": "keep this layer in FP32",
 }

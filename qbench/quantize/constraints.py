@@ -9,6 +9,9 @@ never from node names.
   requantized on its own: the QuantizeLinear -> DequantizeLinear pair between a Conv output and its activation
   is removed (LeakyRelu, Relu, Clip, PRelu, HardSwish, and SiLU = Sigmoid(x) * x, whose sigmoid output loses its
   pair too), when that Conv output feeds nothing else.
+- `fuse_shifts`: a shift-negative Add (recipe key shift_negative) and the activation before it are one op, so
+  the Q/DQ pair between them is removed; `correct_shift_biases` then recomputes the bias each shift went into
+  from the Conv's final (dequantized) weights.
 - `round_scales_to_pow2`: every scale a power of two, rounded UP (2**ceil(log2(s))) so nothing inside the
   calibrated range is clipped. Activation scales are rounded in place; weights are requantized with their new
   scales from the FLOAT weights (looked up in the FP32 model through the node that reads them), and every int32
@@ -268,13 +271,83 @@ def _bias_scale(g: _Graph, bias_dq) -> np.ndarray | None:
 
 
 # --------------------------------------------------------------------------- entry point
-def apply_constraints(qmodel, recipe, float_model=None) -> dict:
-    """Apply the recipe's activation_fusion and pow2_scales to ORT's QDQ model in place; a JSON-able report.
+# --------------------------------------------------------------------------- shift-negative correction
+def fuse_shifts(model, shift_nodes) -> dict:
+    """Remove the Q/DQ pair in front of each shift-negative Add (`shift.py`; kept float, its constant unquantized):
+    the activation (or the image input) and its shift are one op whose shifted output alone is quantized."""
+    graph = model.graph
+    g = _Graph(graph)
+    names = set(shift_nodes)
+    removed = set()
+    for node in graph.node:
+        if node.name not in names:
+            continue
+        dq = g.producer.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = g.producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or g.qdq_after(q.input[0]) != (q, dq) \
+                or g.consumers.get(dq.output[0], []) != [node]:
+            continue
+        _rewire(node, dq.output[0], q.input[0])
+        removed.update((q.output[0], dq.output[0]))
+    if removed:
+        _remove_nodes(graph, removed)
+    return {"shifts": len(names), "qdq_pairs_removed": len(removed) // 2}
+
+
+def correct_shift_biases(model, absorbed: dict) -> dict:
+    """Recompute the bias of every Conv that absorbed a shift-negative offset from its dequantized weights.
+
+    absorbed: {conv name: (input shift per input channel c, bias added in float = sum_k W * c)}. The Conv computes
+    W_q * x_shifted + b', and W_q * x = W_q * x_shifted + sum_k W_q * c, so b' must hold sum_k W_q * c, not the
+    float weights' sum. An int32 bias is requantized with its own scale; a float bias is rewritten.
+    """
+    from onnx import numpy_helper
+
+    g = _Graph(model.graph)
+    nodes = {n.name: n for n in model.graph.node}
+    done, max_change = 0, 0.0
+    for name, (c, added) in absorbed.items():
+        conv = nodes.get(name)
+        if conv is None or len(conv.input) < 3 or not conv.input[2]:
+            continue
+        wdq = g.producer.get(conv.input[1])
+        if wdq is None or wdq.op_type != "DequantizeLinear" or wdq.input[0] not in g.init:
+            continue
+        wq = g.array(wdq.input[0]).astype(np.float64)
+        scale = g.array(wdq.input[1]).astype(np.float64)
+        zp = g.array(wdq.input[2]).astype(np.float64) if len(wdq.input) > 2 and wdq.input[2] else np.zeros(1)
+        shape = _channel_shape(scale, wq.ndim, _axis(wdq))
+        w = (wq - zp.reshape(shape) if zp.size > 1 else wq - zp) * scale.reshape(shape)
+        group = next((a.i for a in conv.attribute if a.name == "group"), 1)
+        per_group = w.reshape(group, w.shape[0] // group, w.shape[1], -1)
+        exact = (per_group * np.asarray(c, np.float64).reshape(group, 1, w.shape[1], 1)).sum(axis=(2, 3)).reshape(-1)
+        change = exact - np.asarray(added, np.float64)
+        bdq = g.producer.get(conv.input[2])
+        if bdq is not None and bdq.op_type == "DequantizeLinear" and bdq.input[0] in g.init:
+            bscale = g.array(bdq.input[1]).astype(np.float64)
+            b = g.array(bdq.input[0]).astype(np.float64) * bscale + change
+            g.set_array(bdq.input[0], np.clip(np.round(b / bscale), -2 ** 31, 2 ** 31 - 1).astype(np.int32))
+        elif conv.input[2] in g.init:
+            g.set_array(conv.input[2], (g.array(conv.input[2]).astype(np.float64) + change).astype(np.float32))
+        else:
+            continue
+        done += 1
+        max_change = max(max_change, float(np.abs(change).max()))
+    return {"biases_corrected": done, "max_bias_change": round(max_change, 6)}
+
+
+def apply_constraints(qmodel, recipe, float_model=None, shift_nodes=(), shift_absorbed=None) -> dict:
+    """Apply the recipe's activation_fusion and pow2_scales (and the shift-negative fusion of `shift_nodes`) to
+    ORT's QDQ model in place; a JSON-able report.
 
     float_model: the FP32 ModelProto (or path) that quantize_static read, for requantizing weights and biases
     from their float values (pow2_scales only).
     """
     report = {"activation_fusion": recipe.activation_fusion, "pow2_scales": recipe.pow2_scales}
+    if shift_nodes:
+        report["shift_negative"] = fuse_shifts(qmodel, shift_nodes)
     if recipe.activation_fusion == "fused":
         report.update(fuse_conv_activations(qmodel))
     if recipe.pow2_scales:
@@ -283,6 +356,8 @@ def apply_constraints(qmodel, recipe, float_model=None) -> dict:
 
             float_model = onnx.load(str(float_model))
         report["pow2"] = round_scales_to_pow2(qmodel, float_model)
+    if shift_absorbed:  # last: the weights are final
+        report["shift_negative"].update(correct_shift_biases(qmodel, shift_absorbed))
     return report
 
 

@@ -116,22 +116,14 @@ def equalize(model, reader, alpha: float, images: int = MAX_IMAGES) -> dict:
 
 
 def equalization_tag(report: dict) -> str:
-    """The metadata value (ort_engine.EQUALIZED_META) that marks an equalized INT8 model and its equalized FP32
-    model alike: the exponent and a digest of the scales, so models equalized differently (other images, another
-    exponent) never pass for each other."""
+    """The exponent and a digest of the scales (part of ort_engine.prepared_tag), so models equalized differently
+    (other images, another exponent) never pass for each other."""
     import hashlib
     import json
 
     digest = hashlib.sha1(json.dumps([[x["conv"], x["next"], x["scales"]] for x in report.get("layers", [])])
                           .encode()).hexdigest()[:12]
     return f"{report.get('alpha', 0):g} {digest}"
-
-
-def equalization_of(model) -> str | None:
-    """The equalization tag of an ONNX model (ModelProto), None for a model that was not equalized."""
-    from .ort_engine import EQUALIZED_META
-
-    return next((p.value for p in model.metadata_props if p.key == EQUALIZED_META), None)
 
 
 def equalize_torch(model, report: dict) -> int:

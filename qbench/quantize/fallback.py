@@ -148,13 +148,13 @@ def bypass(qmodel, edges, fp32_model=None):
     from onnx import numpy_helper
 
     from ..errors import QbenchError
-    from .equalize import equalization_of
-    from .ort_engine import EQUALIZED_FP32
+    from .ort_engine import PREPARED_FP32, preparation_of
 
-    if fp32_model is not None and equalization_of(qmodel) != equalization_of(fp32_model):
-        raise QbenchError(f"this INT8 model and the FP32 model were not equalized alike (recipe key 'equalize' "
-                          f"rescales the float weights), so its layers can only fall back to the FP32 model it was "
-                          f"quantized from: for an equalized one, the {EQUALIZED_FP32} written next to it.")
+    if fp32_model is not None and preparation_of(qmodel) != preparation_of(fp32_model):
+        raise QbenchError(f"this INT8 model and the FP32 model were not prepared alike (recipe keys 'equalize' and "
+                          f"'shift_negative' transform the float weights), so its layers can only fall back to the "
+                          f"FP32 model it was quantized from: for a prepared one, the {PREPARED_FP32} written next "
+                          f"to it.")
     m = copy.deepcopy(qmodel)
     g = m.graph
     ix = _Index(g)

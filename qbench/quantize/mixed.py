@@ -55,7 +55,7 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
     from ..analysis.sensitivity import layer_sensitivity, ranking, write_sensitivity
     from ..evaluate import EvalSettings, delta_interval
     from .fallback import conv_layers, keep_float
-    from .ort_engine import EQUALIZED_FP32, RECIPE_FILE, _calib_paths, quantize_ort
+    from .ort_engine import PREPARED_FP32, RECIPE_FILE, _calib_paths, quantize_ort
 
     settings = settings or EvalSettings()
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) \
@@ -78,9 +78,9 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
         work = Path(td)
         q_all = work / "int8.onnx"
         qrep = quantize_ort(fp32_onnx, q_all, rec, calib, progress=progress, threads=threads)
-        # with equalize, layers fall back to the equalized FP32 weights quantize_ort wrote next to q_all (the same
-        # function as fp32_onnx)
-        fref = q_all.with_name(EQUALIZED_FP32) if rec.equalize > 0 else Path(fp32_onnx)
+        # with equalize or shift_negative, layers fall back to the transformed FP32 weights quantize_ort wrote next
+        # to q_all (the same function as fp32_onnx)
+        fref = q_all.with_name(PREPARED_FP32) if rec.equalize > 0 or rec.shift_negative else Path(fp32_onnx)
         fmodel, qmodel = onnx.load(str(fref)), onnx.load(str(q_all))
         layers = conv_layers(qmodel)
         n_layers = len(layers)
@@ -156,6 +156,8 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
         onnx.save(final, str(tmp))
         report["latency"] = _latency({"fp32": Path(fp32_onnx), "int8": q_all, "mixed": tmp}, data, settings, threads)
         shutil.copyfile(q_all.with_name(RECIPE_FILE), out.with_name(RECIPE_FILE))
+        if fref != Path(fp32_onnx):  # the transformed float model: what `qbench inspect` compares the result with
+            shutil.copyfile(fref, out.with_name(PREPARED_FP32))
         report["out"] = display_path(out)
         write_json(report, out.parent / "mixed.json")
         os.replace(tmp, out)

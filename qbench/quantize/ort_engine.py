@@ -68,6 +68,7 @@ from ..files import stage_onnx
 from ..progress import bar
 from .constraints import activations_to_uint8, apply_constraints
 from .recipe import MAX_OPSET, MIN_CALIB, Recipe, load_recipe, write_recipe
+from .shift import ABSORBED
 
 LOG = logging.getLogger("qbench")
 
@@ -77,8 +78,8 @@ LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueez
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
 RECIPE_FILE = "recipe.yaml"
-EQUALIZED_META = "qbench_equalize"  # metadata of an INT8 model whose float weights were equalized (recipe key)
-EQUALIZED_FP32 = "fp32-equalized.onnx"  # written next to an INT8 model quantized with equalize: its float reference
+PREPARED_META = "qbench_prepared"  # metadata of a model whose float graph was transformed (recipe keys equalize, shift_negative)
+PREPARED_FP32 = "fp32-prepared.onnx"  # written next to such an INT8 model: the transformed float model, its reference
 
 
 # --------------------------------------------------------------------------- graph helpers
@@ -286,6 +287,29 @@ def head_qdq_violations(qmodel, head: HeadInfo) -> list[str]:
                 if src is None or src.name not in head.branch_convs or q.input[0] not in branch_outputs:
                     bad.append(f"{n.name} ({n.op_type}) reads dequantized {i}")
     return bad
+
+
+def prepared_tag(equalized: dict | None, shifted: dict | None) -> str:
+    """The PREPARED_META value of a model whose float graph was transformed: which transforms, with a digest of
+    their parameters, so models prepared differently (other images, another exponent) never pass for each other."""
+    import hashlib
+    import json
+
+    from .equalize import equalization_tag
+
+    parts = []
+    if equalized is not None:
+        parts.append(f"equalize {equalization_tag(equalized)}")
+    if shifted is not None:
+        digest = hashlib.sha1(json.dumps([[x["tensor"], x["shift"]] for x in shifted.get("shifted", [])])
+                              .encode()).hexdigest()[:12]
+        parts.append(f"shift_negative {digest}")
+    return "; ".join(parts)
+
+
+def preparation_of(model) -> str | None:
+    """The PREPARED_META tag of an ONNX model (ModelProto); None for a model whose float graph was not transformed."""
+    return next((p.value for p in model.metadata_props if p.key == PREPARED_META), None)
 
 
 # --------------------------------------------------------------------------- steps
@@ -537,7 +561,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
                  calib_paths: Sequence[str | os.PathLike] | str | os.PathLike | None, imgsz: int | None = None,
                  progress: bool = False, threads: int | None = None, *, ranges: str | os.PathLike | None = None,
                  save_ranges: str | os.PathLike | None = None, u8_activations: bool = False,
-                 save_equalized: str | os.PathLike | None = None) -> dict:
+                 save_prepared: str | os.PathLike | None = None) -> dict:
     """Quantize `fp32_onnx` to a QDQ INT8 `out_onnx` with ONNX Runtime; returns a JSON-able report.
 
     calib_paths: image paths (the first `recipe.calib_size` are used; a manifest's order is stratified), or the
@@ -548,9 +572,10 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
     skipped and these ranges are used (calib_paths may then be None), so a model with the same graph but other
     weights (e.g. after QAT) gets exactly the earlier activation scales. Every tensor to quantize must have a range.
     save_ranges: also write the calibrated ranges there (JSON).
-    save_equalized: with recipe key equalize, where to write the equalized FP32 model [EQUALIZED_FP32 next to
-    `out_onnx`]: the float weights the INT8 model's layers fall back to (`fallback.keep_float`) and the reference
-    `qbench inspect` compares it with; metadata marks both with the same `equalize.equalization_tag`.
+    save_prepared: with recipe keys equalize or shift_negative (which transform the float graph: rescaled channels,
+    shifted tensors), where to write the transformed FP32 model [PREPARED_FP32 next to `out_onnx`]: the float
+    weights the INT8 model's layers fall back to (`fallback.keep_float`) and the reference `qbench inspect`
+    compares it with; metadata marks both with the same `prepared_tag`.
     u8_activations: rewrite int8 activation Q/DQ as uint8 with zero point + 128 (`activations_to_uint8`): the same
     numbers, but ONNX Runtime's fast x86 u8s8 kernels for symmetric profiles.
     """
@@ -577,6 +602,10 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         if recipe.equalize > 0:
             raise QbenchError(f"recipe {recipe.name}: 'equalize' rescales the float weights from calibration images, "
                               f"so it cannot reuse precomputed ranges; set 'equalize: 0' or drop the ranges.")
+        if recipe.shift_negative:
+            raise QbenchError(f"recipe {recipe.name}: 'shift_negative' shifts tensors by offsets measured on "
+                              f"calibration images, so it cannot reuse precomputed ranges; set "
+                              f"'shift_negative: false' or drop the ranges.")
         if not ranges.is_file():
             raise QbenchError(f"ranges file '{ranges}' does not exist; write one with save_ranges (or drop ranges and "
                               "pass a calibration set).")
@@ -640,26 +669,31 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
             onnx.save(pmodel, str(pre))
         seconds["preprocess"] = time.perf_counter() - t
         head = find_head(pmodel, src)  # checked even when keep_head_float is off: it proves this is a detector
-        equalized = None
+        equalized = shifted = prepared = None
         if recipe.equalize > 0:
-            from .equalize import MAX_IMAGES, equalization_tag, equalize
+            from .equalize import MAX_IMAGES, equalize
 
             t = time.perf_counter()
             eq_reader = CalibrationReader(used[:MAX_IMAGES], imgsz, info["input_name"], batch=1)
             equalized = equalize(pmodel, eq_reader, recipe.equalize)
-            onnx.save(pmodel, str(pre))
-            feq = onnx.ModelProto()
-            feq.CopyFrom(pmodel)
-            del feq.metadata_props[:]
-            for k, v in [*meta.items(), (EQUALIZED_META, equalization_tag(equalized))]:
-                e = feq.metadata_props.add()
-                e.key, e.value = k, str(v)
-            save_equalized = Path(save_equalized) if save_equalized is not None else out.with_name(EQUALIZED_FP32)
-            save_equalized.parent.mkdir(parents=True, exist_ok=True)
-            onnx.save(feq, str(save_equalized))
-            del feq
             seconds["equalize"] = time.perf_counter() - t
+        unshifted = None
+        if recipe.shift_negative:
+            from .shift import MAX_IMAGES as SHIFT_IMAGES
+            from .shift import shift_negative
+
+            t = time.perf_counter()
+            unshifted = onnx.ModelProto()
+            unshifted.CopyFrom(pmodel)  # shifted again with the shifts on their INT8 grids after quantizing
+            sh_reader = CalibrationReader(used[:SHIFT_IMAGES], imgsz, info["input_name"], batch=1)
+            shifted = shift_negative(pmodel, sh_reader)
+            seconds["shift_negative"] = time.perf_counter() - t
+        if equalized is not None or shifted is not None:
+            onnx.save(pmodel, str(pre))
         excluded, forced, unmatched = _resolve_exclusions(pmodel, head if recipe.keep_head_float else None, recipe)
+        if shifted is not None:  # float Adds, fused with the op before them (constraints.fuse_shifts)
+            excluded += [{"node": n, "op_type": "Add", "reason": "shift-negative correction (part of the activation)"}
+                         for n in shifted["shift_nodes"]]
         for kind, pats in unmatched.items():
             for pat in pats:
                 LOG.warning(f"recipe {recipe.name}: {kind} pattern '{pat}' matches no node of '{src}'.")
@@ -710,15 +744,46 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         seconds["quantize"] = time.perf_counter() - t
 
         qmodel = onnx.load(str(qpath))
-        constraints = apply_constraints(qmodel, recipe, pre)
+        constraints = apply_constraints(qmodel, recipe, pre, shift_nodes=shifted["shift_nodes"] if shifted else (),
+                                        shift_absorbed=shifted.pop(ABSORBED) if shifted else None)
+        if shifted is not None and ranges_file is None and _ort_has_calibration_cache():
+            # again, each shift snapped to its tensor's grid (same tensors and ranges, so the same grids)
+            from .shift import shift_negative, snap_shifts
+
+            t = time.perf_counter()
+            snapped = snap_shifts(qmodel, shifted)
+            shifted = shift_negative(unshifted, ranges=shifted["ranges"], snapped=snapped)
+            shifted["snapped_to_grid"] = len(snapped)
+            onnx.save(unshifted, str(pre))
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(str(pre), str(qpath), None, calibrate_method=method, calibration_cache_path=str(cache),
+                                **kwargs)
+            qmodel = onnx.load(str(qpath))
+            constraints = apply_constraints(qmodel, recipe, pre, shift_nodes=shifted["shift_nodes"],
+                                            shift_absorbed=shifted.pop(ABSORBED))
+            seconds["shift_negative"] += time.perf_counter() - t
+        del unshifted
+        if shifted is not None:
+            shifted.pop("ranges", None)
+        if equalized is not None or shifted is not None:
+            prepared = prepared_tag(equalized, shifted)
+            fprep = onnx.load(str(pre))
+            del fprep.metadata_props[:]
+            for k, v in [*meta.items(), (PREPARED_META, prepared)]:
+                e = fprep.metadata_props.add()
+                e.key, e.value = k, str(v)
+            save_prepared = Path(save_prepared) if save_prepared is not None else out.with_name(PREPARED_FP32)
+            save_prepared.parent.mkdir(parents=True, exist_ok=True)
+            onnx.save(fprep, str(save_prepared))
+            del fprep
         if u8_activations:
             constraints["u8_activations"] = activations_to_uint8(qmodel)
         keep = [(p.key, p.value) for p in qmodel.metadata_props if p.key not in meta]
         del qmodel.metadata_props[:]
         extra_meta = {"qbench_quant_engine": f"onnxruntime {ort.__version__} static QDQ",
                       "qbench_quant_method": recipe.method, "qbench_quant_version": __version__}
-        if equalized is not None:
-            extra_meta[EQUALIZED_META] = equalization_tag(equalized)
+        if prepared is not None:
+            extra_meta[PREPARED_META] = prepared
         for k, v in [*meta.items(), *keep, *extra_meta.items()]:
             e = qmodel.metadata_props.add()
             e.key, e.value = k, str(v)
@@ -771,6 +836,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
                 {"kept_float": False, "branch_convs": head.branch_convs},
         "constraints": constraints,
         "equalize": equalized,
+        "shift_negative": shifted,
         "excluded": excluded,
         "forced_in": forced,
         "unmatched_patterns": unmatched,

@@ -40,6 +40,11 @@ Keys (defaults in brackets):
                     (qbench/quantize/equalize.py): channel c of the first Conv is divided by
                     (r_c / max r) ** equalize and the second Conv's input channel multiplied by it (the same
                     function in float); 0 = off. Not with precomputed ranges  [0]
+  shift_negative    shift-negative correction (qbench/quantize/shift.py): each LeakyReLU output and the image
+                    input are shifted by their mid-range before they are quantized, and the shift is folded into
+                    the next Conv's bias (with an explicit Pad where it pads), so a symmetric int8 grid has the step
+                    of an asymmetric one. For symmetric activations (npu-symmetric profiles); with asymmetric ones
+                    it changes nothing but adds ops. Not with precomputed ranges, not in QAT  [false]
 
 Note on percentile: ONNX Runtime's percentile calibrator builds the histogram of
 |x| and takes a symmetric threshold, then clamps it to the observed min/max, so a
@@ -101,6 +106,7 @@ class Recipe:
     pow2_scales: bool = False
     activation_fusion: str = "ort"
     equalize: float = 0.0
+    shift_negative: bool = False
     name: str = field(default="custom", compare=False)  # where it came from, for messages; not a YAML key
 
     # ---- derived values the engine uses
@@ -221,7 +227,7 @@ def recipe_from_dict(data: dict, name: str = "custom", kind: str = "recipe") -> 
     r["calib_size"] = _int(label, "calib_size", d.get("calib_size", 128), MIN_CALIB, MAX_CALIB,
                            f" (fewer than {MIN_CALIB} images give unstable ranges)")
     for key in ("per_channel", "activation_symmetric", "weight_symmetric", "reduce_range", "keep_head_float",
-                "pow2_scales"):
+                "pow2_scales", "shift_negative"):
         r[key] = _bool(label, key, d.get(key, Recipe.__dataclass_fields__[key].default))
     r["activation_type"] = _choice(label, "activation_type", d.get("activation_type", "uint8"), ACT_TYPES)
     r["weight_type"] = _choice(label, "weight_type", d.get("weight_type", "int8"), WEIGHT_TYPES)
