@@ -63,8 +63,8 @@ def find_chains(model) -> list[tuple]:
     return chains
 
 
-def channel_ranges(model, tensors: list[str], reader, images: int) -> dict:
-    """{tensor: per-channel max |value|} of `model` (float, unoptimized) over `images` batches of `reader`."""
+def probe_session(model, tensors: list[str]):
+    """An unoptimized ONNX Runtime session of `model` (float) that also outputs `tensors`."""
     import onnx
     import onnxruntime as ort
 
@@ -76,7 +76,13 @@ def channel_ranges(model, tensors: list[str], reader, images: int) -> dict:
             probe.graph.output.append(onnx.ValueInfoProto(name=t))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    so.log_severity_level = 3
+    return ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def channel_ranges(model, tensors: list[str], reader, images: int) -> dict:
+    """{tensor: per-channel max |value|} of `model` (float, unoptimized) over `images` batches of `reader`."""
+    sess = probe_session(model, tensors)
     r: dict[str, np.ndarray] = {}
     for _ in range(images):
         feed = reader.get_next()

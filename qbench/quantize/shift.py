@@ -59,19 +59,9 @@ def _set_attr(node, name, value) -> None:
 
 def output_ranges(model, tensors: list[str], reader, images: int) -> dict:
     """{tensor: (min, max)} of `model` (float) over `images` batches of `reader`."""
-    import onnx
-    import onnxruntime as ort
+    from .equalize import probe_session
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for t in tensors:
-        if t not in known:
-            probe.graph.output.append(onnx.ValueInfoProto(name=t))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = probe_session(model, tensors)
     r: dict[str, tuple] = {}
     for _ in range(images):
         feed = reader.get_next()
