@@ -534,6 +534,7 @@ def test_shift_negative_keeps_the_float_function_and_gives_symmetric_int8_the_as
         # centred tensors on the symmetric grid: measurably closer to FP32 than without the shifts
         assert err(tmp_path / fusion / "int8.onnx") < 0.9 * err(tmp_path / fusion / "plain.onnx"), fusion
         assert r["shift_negative"]["snapped_to_grid"] == len(shifted)  # the Pads pad with values on the grid
+        assert r["shift_negative"]["images"] == 12  # the shifts' images (calib_size 12 < MAX_IMAGES)
 
     tag = {p.key: p.value for p in q.metadata_props}[PREPARED_META]
     prepared = onnx.load(str(tmp_path / "unfused" / PREPARED_FP32))

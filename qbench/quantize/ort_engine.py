@@ -752,8 +752,9 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
 
             t = time.perf_counter()
             snapped = snap_shifts(qmodel, shifted)
+            images = shifted["images"]
             shifted = shift_negative(unshifted, ranges=shifted["ranges"], snapped=snapped)
-            shifted["snapped_to_grid"] = len(snapped)
+            shifted["images"], shifted["snapped_to_grid"] = images, len(snapped)
             onnx.save(unshifted, str(pre))
             with contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(str(pre), str(qpath), None, calibrate_method=method, calibration_cache_path=str(cache),
