@@ -169,6 +169,15 @@ def _axis(dq) -> int:
     return next((a.i for a in dq.attribute if a.name == "axis"), 1)  # ONNX's default axis is 1
 
 
+def _dequantize(g: _Graph, dq, scale: np.ndarray | None = None) -> np.ndarray:
+    """The float64 values a DequantizeLinear of an initializer gives, with `scale` instead of its own if given."""
+    q = g.array(dq.input[0]).astype(np.float64)
+    scale = np.asarray(g.array(dq.input[1]) if scale is None else scale, np.float64)
+    zp = g.array(dq.input[2]).astype(np.float64) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
+    shape = _channel_shape(scale, q.ndim, _axis(dq))
+    return (q - zp.reshape(shape)) * scale.reshape(shape)
+
+
 def _float_value(g: _Graph, dq, float_nodes: dict, float_inits: dict):
     """The float tensor a weight/bias DequantizeLinear stands for: the FP32 model's input at the same slot of the
     same (named) node that reads it here. None when no reader matches."""
@@ -230,9 +239,7 @@ def round_scales_to_pow2(model, float_model=None) -> dict:
             report["requantized_from_float"] += 1
             return numpy_helper.to_array(t)
         report["requantized_from_int8"].append(dq.input[0])
-        zp = g.array(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(old_scale)
-        shape = _channel_shape(old_scale, q.ndim, _axis(dq))
-        return (q.astype(np.float64) - zp.reshape(shape)) * old_scale.reshape(shape)
+        return _dequantize(g, dq, old_scale)
 
     for name in sorted(act):
         round_in_place(name)
@@ -303,7 +310,7 @@ def correct_shift_biases(model, absorbed: dict) -> dict:
     W_q * x_shifted + b', and W_q * x = W_q * x_shifted + sum_k W_q * c, so b' must hold sum_k W_q * c, not the
     float weights' sum. An int32 bias is requantized with its own scale; a float bias is rewritten.
     """
-    from onnx import numpy_helper
+    from .shift import kernel_sum
 
     g = _Graph(model.graph)
     nodes = {n.name: n for n in model.graph.node}
@@ -315,20 +322,12 @@ def correct_shift_biases(model, absorbed: dict) -> dict:
         wdq = g.producer.get(conv.input[1])
         if wdq is None or wdq.op_type != "DequantizeLinear" or wdq.input[0] not in g.init:
             continue
-        wq = g.array(wdq.input[0]).astype(np.float64)
-        scale = g.array(wdq.input[1]).astype(np.float64)
-        zp = g.array(wdq.input[2]).astype(np.float64) if len(wdq.input) > 2 and wdq.input[2] else np.zeros(1)
-        shape = _channel_shape(scale, wq.ndim, _axis(wdq))
-        w = (wq - zp.reshape(shape) if zp.size > 1 else wq - zp) * scale.reshape(shape)
         group = next((a.i for a in conv.attribute if a.name == "group"), 1)
-        per_group = w.reshape(group, w.shape[0] // group, w.shape[1], -1)
-        exact = (per_group * np.asarray(c, np.float64).reshape(group, 1, w.shape[1], 1)).sum(axis=(2, 3)).reshape(-1)
-        change = exact - np.asarray(added, np.float64)
+        change = kernel_sum(_dequantize(g, wdq), c, group) - np.asarray(added, np.float64)
         bdq = g.producer.get(conv.input[2])
         if bdq is not None and bdq.op_type == "DequantizeLinear" and bdq.input[0] in g.init:
-            bscale = g.array(bdq.input[1]).astype(np.float64)
-            b = g.array(bdq.input[0]).astype(np.float64) * bscale + change
-            g.set_array(bdq.input[0], np.clip(np.round(b / bscale), -2 ** 31, 2 ** 31 - 1).astype(np.int32))
+            q, _ = _requantize(_dequantize(g, bdq) + change, g.array(bdq.input[1]), _axis(bdq), np.int32)
+            g.set_array(bdq.input[0], q)
         elif conv.input[2] in g.init:
             g.set_array(conv.input[2], (g.array(conv.input[2]).astype(np.float64) + change).astype(np.float32))
         else:

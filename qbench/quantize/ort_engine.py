@@ -729,9 +729,13 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
                 save_tensors_data(ranges, Path(save_ranges))
             cache_mode = ("qbench calibration, passed as ORT's calibration cache" if ranges_file is None else
                           f"precomputed ranges from {ranges_file}")
-            with contextlib.redirect_stdout(io.StringIO()):
-                quantize_static(str(pre), str(qpath), None, calibrate_method=method, calibration_cache_path=str(cache),
-                                **kwargs)
+
+            def quantize_pre() -> None:  # the model at `pre` with the saved ranges
+                with contextlib.redirect_stdout(io.StringIO()):
+                    quantize_static(str(pre), str(qpath), None, calibrate_method=method,
+                                    calibration_cache_path=str(cache), **kwargs)
+
+            quantize_pre()
         else:  # older ORT: quantize_static calibrates again itself (ranges= was refused above), one batch per collect_data call (bounded memory)
             reader.rewind()
             reader.on_batch = None  # the progress bar is closed
@@ -743,10 +747,13 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
                 quantize_static(str(pre), str(qpath), reader, calibrate_method=method, **kwargs)
         seconds["quantize"] = time.perf_counter() - t
 
-        qmodel = onnx.load(str(qpath))
-        constraints = apply_constraints(qmodel, recipe, pre, shift_nodes=shifted["shift_nodes"] if shifted else (),
-                                        shift_absorbed=shifted.pop(ABSORBED) if shifted else None)
-        if shifted is not None and ranges_file is None and _ort_has_calibration_cache():
+        def constrained():
+            qm = onnx.load(str(qpath))
+            return qm, apply_constraints(qm, recipe, pre, shift_nodes=shifted["shift_nodes"] if shifted else (),
+                                         shift_absorbed=shifted.pop(ABSORBED) if shifted else None)
+
+        qmodel, constraints = constrained()
+        if shifted is not None and _ort_has_calibration_cache():
             # again, each shift snapped to its tensor's grid (same tensors and ranges, so the same grids)
             from .shift import shift_negative, snap_shifts
 
@@ -756,12 +763,8 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
             shifted = shift_negative(unshifted, ranges=shifted["ranges"], snapped=snapped)
             shifted["images"], shifted["snapped_to_grid"] = images, len(snapped)
             onnx.save(unshifted, str(pre))
-            with contextlib.redirect_stdout(io.StringIO()):
-                quantize_static(str(pre), str(qpath), None, calibrate_method=method, calibration_cache_path=str(cache),
-                                **kwargs)
-            qmodel = onnx.load(str(qpath))
-            constraints = apply_constraints(qmodel, recipe, pre, shift_nodes=shifted["shift_nodes"],
-                                            shift_absorbed=shifted.pop(ABSORBED))
+            quantize_pre()
+            qmodel, constraints = constrained()
             seconds["shift_negative"] += time.perf_counter() - t
         del unshifted
         if shifted is not None:

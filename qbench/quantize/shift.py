@@ -214,6 +214,14 @@ def shift_negative(model, reader=None, images: int = MAX_IMAGES, *, ranges: dict
     return report
 
 
+def kernel_sum(w: np.ndarray, shift: np.ndarray, group: int = 1) -> np.ndarray:
+    """Per output channel, sum over the kernel of W * shift: what a Conv with weights `w` (Cout, Cin/group, k...)
+    adds when every input channel i is raised by shift[i]."""
+    per_group = np.asarray(w, np.float64).reshape(group, w.shape[0] // group, w.shape[1], -1)
+    s = np.asarray(shift, np.float64).reshape(group, 1, w.shape[1], 1)
+    return (per_group * s).sum(axis=(2, 3)).reshape(-1)
+
+
 def _absorb_conv(n, s: np.ndarray, init: dict, new_nodes: list, new_inits: list, report: dict) -> None:
     """Fold the input shift `s` of Conv `n` into its bias (and an explicit Pad when it pads); KeyError if it can't."""
     from onnx import helper, numpy_helper
@@ -232,10 +240,7 @@ def _absorb_conv(n, s: np.ndarray, init: dict, new_nodes: list, new_inits: list,
         raise KeyError("auto_pad")
     if any(pads) and s.size > 1 and not np.all(sv == sv[0]):
         raise KeyError("per-channel shift with padding")
-    # bias: W * (x_shifted + s) = W * x_shifted + sum_k W * s
-    per_group = w.reshape(group, w.shape[0] // group, w.shape[1], -1)
-    sg = sv.reshape(group, 1, w.shape[1], 1)
-    delta = (per_group * sg).sum(axis=(2, 3)).reshape(-1)
+    delta = kernel_sum(w, sv, group)  # W * (x_shifted + s) = W * x_shifted + sum_k W * s
     if len(n.input) > 2 and n.input[2]:
         if n.input[2] not in init:
             raise KeyError("bias")
