@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from .evaluate import EvalSettings, evaluate
 from .files import write_json
-from .runtime import default_threads
+from .runtime import default_threads, int8_host
 
 
 def _ultralytics_val(model: Path, data: Path, imgsz: int, batch: int, conf: float, iou: float) -> dict:
@@ -72,7 +72,7 @@ def _bench_eval(model: Path, source: Path, data: Path, out: Path, repeats: int, 
         "median_qbench_s": round(q, 2), "median_ultralytics_s": round(u, 2), "speedup": round(u / q, 3),
         "metrics_qbench": ours["metrics"], "metrics_ultralytics": theirs,
         "abs_diff_mAP50-95": abs(ours["metrics"]["mAP50-95"] - theirs["mAP50-95"]),
-        "qbench_version": __version__, "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+        "qbench_version": __version__, "python": platform.python_version(), "host": int8_host(),
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / "bench.json")
@@ -264,7 +264,7 @@ def bench_inspect(fp32: str | Path, int8: str | Path, calib: str | Path, data: s
               "ratio_inspect_to_eval": round(inspect_s / eval_s, 3),
               "ratio_statistics_to_eval": round(ins["seconds"]["statistics"] / eval_s, 3),
               "memory": mem, "threads": default_threads(), "qbench_version": __version__,
-              "machine": platform.processor() or platform.machine()}
+              "host": int8_host()}
     write_json(result, out / "bench.json")
     lines = ["# Inspect cost: time against one FP32 evaluation pass, and memory", "",
              f"Reproduce: `{command}`" if command else "", "",
@@ -334,8 +334,7 @@ def bench_engines(weights: str | Path, data: str | Path, calib: str | Path, out:
     command = " ".join(["qbench", *(argv or [])[1:]]) if argv else None
     result = {"command": command, "weights": str(weights), "data": str(data), "calibration": str(calib),
               "engines": engines, "compare": {k: v for k, v in c.items() if k != "evaluations"},
-              "qbench_version": __version__, "threads": c["threads"], "machine": platform.processor() or
-              platform.machine()}
+              "qbench_version": __version__, "threads": c["threads"], "host": c["host"]}
     out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / "engines.json")
     rows = c["models"]

@@ -23,7 +23,7 @@ import numpy as np
 from .data.dataset import image_files, load_data_yaml, read_image
 from .data.preprocess import letterbox, to_input
 from .evaluate import RESAMPLES, EvalSettings, delta_interval, evaluate
-from .runtime import Detector, default_threads, open_model
+from .runtime import Detector, default_threads, int8_host, open_model
 
 METRICS = ("precision", "recall", "mAP50", "mAP50-95")
 
@@ -101,7 +101,7 @@ def compare(fp32: str | Path, int8: str | Path | None, data: str | Path, setting
         }
     for k in rows:
         rows[k]["speedup_batch1"] = round(latency["fp32"]["batch1_median_ms"] / latency[k]["batch1_median_ms"], 3)
-    out = {"data": base["data"], "settings": base["settings"], "threads": threads, "models": rows,
+    out = {"data": base["data"], "settings": base["settings"], "threads": threads, "host": int8_host(), "models": rows,
            "evaluations": results}
     if keep_stats:
         out["image_stats"] = stats
@@ -178,10 +178,12 @@ def compare_md(c: dict) -> str:
     s = c["settings"]
     b = f"batch{s['batch']}_images_per_s"
     lines = [f"{c['data']['images']} images of `{c['data']['yaml']}` ({c['data']['split']}), imgsz {s['imgsz']}, "
-             f"conf {s['conf']}, iou {s['iou']}, {c['threads']} threads.", "",
-             f"| model | P | R | mAP50 | mAP50-95 | Δ mAP50-95 | Δ 95% CI | batch-1 ms (median) | speedup | "
-             f"batch-{s['batch']} img/s | size MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"conf {s['conf']}, iou {s['iou']}, {c['threads']} threads."]
+    if c.get("host"):  # files written before qbench recorded it have none
+        lines.append(f"CPU: {c['host']['cpu']}; int8 kernels: {c['host']['int8_kernels']}.")
+    lines += ["", f"| model | P | R | mAP50 | mAP50-95 | Δ mAP50-95 | Δ 95% CI | batch-1 ms (median) | speedup | "
+              f"batch-{s['batch']} img/s | size MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in c["models"].items():
         m, lat = r["metrics"], r["latency"]
         d = "—" if k == "fp32" else f"{r['delta']['mAP50-95']:+.4f}"

@@ -9,7 +9,9 @@ for cross-checks). Both return the head's raw `(N, 4 + nc, anchors)` output
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,9 +25,89 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# ONNX Runtime's session entry that makes x86 int8 matrix products exact (kOrtSessionOptionsAvx2PrecisionMode): it
+# rewrites int8 weights to uint8 + 128 so the u8u8 kernels run instead of the u8s8 ones.
+EXACT_INT8_ENTRY = "session.x64quantprecision"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _saturation_probe(exact: bool) -> float:
+    """One output of a tiny QDQ 1x1 Conv whose exact value is 16 * 255 * 127 = 518160 (uint8 input 255, int8
+    weights 127, 16 input channels), run as ONNX Runtime optimizes it (QLinearConv)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    cin = 16
+    c = {"xs": np.float32(1), "xz": np.uint8(0), "w": np.full((4, cin, 1, 1), 127, np.int8), "ws": np.float32(1),
+         "wz": np.int8(0), "ys": np.float32(4096), "yz": np.uint8(0)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
+             helper.make_node("Conv", ["xd", "wd"], ["y"]),
+             helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"])]
+    graph = helper.make_graph(nodes, "u8s8_probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 4, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 4, 4])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in c.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if exact:
+        so.add_session_config_entry(EXACT_INT8_ENTRY, "1")
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return float(sess.run(None, {"x": np.full((1, cin, 4, 4), 255, np.float32)})[0].ravel()[0])
+
+
+@functools.lru_cache(maxsize=1)
+def int8_host() -> dict:
+    """How ONNX Runtime runs int8 convolutions on this CPU, probed once per process.
+
+    On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) ONNX Runtime's fast u8s8 kernels add each pair of
+    uint8 x int8 products in saturating 16-bit arithmetic (VPMADDUBSW): 255 * 127 * 2 = 64770 is clamped to
+    32767, so a model with full-range int8 weights computes something else than on a VNNI CPU or an NPU (the
+    gtsdb4 reference model lost 1.5 more points of mAP50-95 to it on an AVX2 CPU). qbench then turns on ONNX
+    Runtime's exact mode (EXACT_INT8_ENTRY) in every session, so INT8 accuracy is the same on every CPU; those
+    u8u8 kernels are slower, and `int8_kernels` says so next to every latency. Models whose weights fit in 7 bits
+    (recipe `reduce_range: true`) cannot saturate and keep the fast kernels. QBENCH_EXACT_INT8=0 keeps ONNX
+    Runtime's default kernels: what a deployment with default session options computes on this CPU.
+    """
+    cpu, exact = _cpu_name(), 16 * 255 * 127
+    wanted = os.environ.get("QBENCH_EXACT_INT8", "1").strip() != "0"
+
+    def wrong(value: float) -> bool:
+        return abs(value - exact) > 0.01 * exact
+
+    try:
+        saturates = wrong(_saturation_probe(exact=False))
+        exact_mode = saturates and wanted and not wrong(_saturation_probe(exact=True))
+    except Exception as e:  # no probe, no claim: sessions keep ONNX Runtime's defaults
+        return {"cpu": cpu, "u8s8_saturates": None, "exact_mode": False,
+                "int8_kernels": f"ONNX Runtime's defaults (the saturation probe failed: {e})"}
+    if not saturates:
+        kernels = "u8s8, exact on this CPU"
+    elif exact_mode:
+        kernels = (f"exact u8u8 ({EXACT_INT8_ENTRY}=1: this CPU's fast u8s8 kernels saturate, no VNNI; "
+                   "slower than int8 on a VNNI CPU)")
+    else:
+        kernels = ("SATURATING u8s8 (this CPU has no VNNI and exact mode is off): INT8 accuracy here is lower "
+                   "than on a VNNI CPU or an NPU")
+    return {"cpu": cpu, "u8s8_saturates": saturates, "exact_mode": exact_mode, "int8_kernels": kernels}
+
+
 def ort_session(path: str | Path | bytes, threads: int | None = None, optimize: bool = True):
-    """An ONNX Runtime CPU session with a fixed thread count (intra-op), sequential execution; `path` may also be
-    a serialized model (bytes)."""
+    """An ONNX Runtime CPU session with a fixed thread count (intra-op), sequential execution, and exact int8
+    arithmetic on every CPU (see `int8_host`); `path` may also be a serialized model (bytes)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -38,6 +120,8 @@ def ort_session(path: str | Path | bytes, threads: int | None = None, optimize: 
     # Idle worker threads must not spin: qbench keeps several sessions open (FP32, INT8, variants) and runs them in
     # turn, and a spinning pool of one session steals the cores of the next (on 2 cores that doubled latencies).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if int8_host()["exact_mode"]:
+        so.add_session_config_entry(EXACT_INT8_ENTRY, "1")
     try:
         src = path if isinstance(path, bytes) else str(path)
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])

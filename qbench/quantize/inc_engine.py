@@ -57,6 +57,7 @@ from .. import __version__
 from ..analysis.stats import sqnr_db
 from ..errors import QbenchError
 from ..files import display_path, stage_onnx
+from ..runtime import ort_session
 
 LOG = logging.getLogger("qbench")
 
@@ -495,7 +496,6 @@ def quantize_inc(weights: str | Path, fp32_onnx: str | Path, out_onnx: str | Pat
     y_torch = (y_torch[0] if isinstance(y_torch, (list, tuple)) else y_torch).numpy()
 
     import onnx
-    import onnxruntime as ort
 
     t_export = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qbench-inc-") as td:
@@ -518,9 +518,7 @@ def quantize_inc(weights: str | Path, fp32_onnx: str | Path, out_onnx: str | Pat
         staged = Path(td) / "int8.onnx"
         onnx.save(proto, str(staged))
         ops = optimized_op_counts(staged, n_threads)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(staged), so, providers=["CPUExecutionProvider"])
+        sess = ort_session(staged, n_threads)  # exact int8 on every CPU, as the evaluation runs it
         y_onnx = sess.run(None, {sess.get_inputs()[0].name: probe.numpy()})[0]
         if y_onnx.shape != y_torch.shape or not np.isfinite(y_onnx).all():
             raise IncError(f"the INC ONNX model gives output {y_onnx.shape}, expected {y_torch.shape}.")
