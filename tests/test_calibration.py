@@ -194,12 +194,24 @@ def test_committed_manifests_match_the_shared_datasets(name):
 
 
 def test_committed_default_manifest_matches_the_regenerated_synthetic_set():
-    """calibration/synth-train-512.json names the embedded set (not a path of this machine's cache) and its sha256
-    still match the images qbench regenerates, i.e. generation is bit-identical; rebuilding it gives the same file."""
+    """calibration/synth-train-512.json names the embedded set (not a path of this machine's cache). Each image is
+    bit-identical to its committed sha256 on the kind of CPU that wrote it, and elsewhere exactly what this
+    machine's generator draws (SIMD code paths round some float steps differently, so JPEG bytes differ between
+    CPU types). Rebuilding it picks the same images with the same classes, and an edited image is refused."""
     from qbench.data.default import DEFAULT_CALIB, default_data
 
-    m, paths = load_manifest(DEFAULT_CALIB)  # generates the default set if needed, verifies every sha256
+    m, paths = load_manifest(DEFAULT_CALIB)  # generates the default set if needed, verifies every image
     assert m["data"] == "qbench:default" and "data_from_manifest" not in m
     assert len(paths) == m["n"] == 512 and all(p.is_file() for p in paths)
     rebuilt = build_manifest(default_data(), 512, seed=m["seed"])
-    assert rebuilt["images"] == m["images"] and rebuilt["class_counts"] == m["class_counts"]
+    assert [e["path"] for e in rebuilt["images"]] == [e["path"] for e in m["images"]]
+    assert rebuilt["class_counts"] == m["class_counts"] and rebuilt["instances"] == m["instances"]
+    victim = paths[0]
+    original = victim.read_bytes()
+    try:
+        victim.write_bytes(original[:-64] + bytes(64))  # same size, other bytes: not what the generator draws
+        with pytest.raises(QbenchError, match="changed since the manifest"):
+            load_manifest(DEFAULT_CALIB)
+    finally:
+        victim.write_bytes(original)
+    assert load_manifest(DEFAULT_CALIB)[1] == paths
