@@ -97,8 +97,8 @@ def int8_host() -> dict:
     if not saturates:
         kernels = "u8s8, exact on this CPU"
     elif exact_mode:
-        kernels = (f"exact u8u8 ({EXACT_INT8_ENTRY}=1: this CPU's fast u8s8 kernels saturate, no VNNI; "
-                   "slower than int8 on a VNNI CPU)")
+        kernels = (f"exact ({EXACT_INT8_ENTRY}=1: this CPU has no VNNI and its fast u8s8 kernels saturate, so "
+                   "full-range int8 weights run ORT's slower u8u8 kernels; 7-bit weights (reduce_range) the fast ones)")
     else:
         kernels = ("SATURATING u8s8 (this CPU has no VNNI and exact mode is off): INT8 accuracy here is lower "
                    "than on a VNNI CPU or an NPU")
