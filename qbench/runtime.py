@@ -41,32 +41,43 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _saturation_probe(exact: bool) -> float:
-    """One output of a tiny QDQ 1x1 Conv whose exact value is 16 * 255 * 127 = 518160 (uint8 input 255, int8
-    weights 127, 16 input channels), run as ONNX Runtime optimizes it (QLinearConv)."""
+def qdq_conv_model(w, w_scale, y_scale: float, y_zero: int, hw: int, pad: int = 0):
+    """A QDQ model of one Conv that ONNX Runtime runs as a QLinearConv: x (float on the uint8 grid of step 1) ->
+    Q/DQ -> Conv with int8 weights `w` (cout, cin, k, k), per-output-channel scales `w_scale`, zero points 0 ->
+    Q/DQ with (y_scale, y_zero); input (1, cin, hw, hw), `pad` on every side, stride 1."""
     import numpy as np
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    cin = 16
-    c = {"xs": np.float32(1), "xz": np.uint8(0), "w": np.full((4, cin, 1, 1), 127, np.int8), "ws": np.float32(1),
-         "wz": np.int8(0), "ys": np.float32(4096), "yz": np.uint8(0)}
+    cout, cin, k = w.shape[0], w.shape[1], w.shape[2]
+    c = {"xs": np.float32(1), "xz": np.uint8(0), "w": np.asarray(w, np.int8),
+         "ws": np.asarray(w_scale, np.float32).reshape(cout), "wz": np.zeros(cout, np.int8),
+         "ys": np.float32(y_scale), "yz": np.uint8(y_zero)}
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
-             helper.make_node("Conv", ["xd", "wd"], ["y"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], pads=[pad] * 4),
              helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
              helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"])]
-    graph = helper.make_graph(nodes, "u8s8_probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 4, 4])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 4, 4])],
-                              [numpy_helper.from_array(np.asarray(v), k) for k, v in c.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    out_hw = hw + 2 * pad - k + 1
+    graph = helper.make_graph(nodes, "qdq_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, hw, hw])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, cout, out_hw, out_hw])],
+                              [numpy_helper.from_array(np.asarray(v), name) for name, v in c.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _saturation_probe(exact: bool) -> float:
+    """One output of a 1x1 QDQ Conv whose exact value is 16 * 255 * 127 = 518160 (uint8 input 255, int8 weights
+    127, 16 input channels), run as ONNX Runtime optimizes it (QLinearConv)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    model = qdq_conv_model(np.full((4, 16, 1, 1), 127, np.int8), np.ones(4), 4096.0, 0, hw=4)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if exact:
         so.add_session_config_entry(EXACT_INT8_ENTRY, "1")
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return float(sess.run(None, {"x": np.full((1, cin, 4, 4), 255, np.float32)})[0].ravel()[0])
+    return float(sess.run(None, {"x": np.full((1, 16, 4, 4), 255, np.float32)})[0].ravel()[0])
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from qbench.runtime import int8_host, ort_session
+from qbench.runtime import int8_host, ort_session, qdq_conv_model
 
 SCRIPT = """
 import sys, numpy as np
@@ -18,26 +18,6 @@ y = ort_session(model, 1).run(None, {"x": x})[0]
 np.save(sys.argv[3], y)
 print(int8_host()["exact_mode"])
 """
-
-
-def _conv_model(w: np.ndarray, w_scale: np.ndarray, y_scale: float, y_zero: int):
-    """x (float, uint8 grid of step 1) -> Q/DQ -> Conv 3x3 with int8 per-channel weights -> Q/DQ: ORT makes it one
-    QLinearConv."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    cout, cin = w.shape[:2]
-    c = {"xs": np.float32(1), "xz": np.uint8(0), "w": w, "ws": w_scale.astype(np.float32),
-         "wz": np.zeros(cout, np.int8), "ys": np.float32(y_scale), "yz": np.uint8(y_zero)}
-    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
-             helper.make_node("Conv", ["xd", "wd"], ["y"], pads=[1, 1, 1, 1]),
-             helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
-             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"])]
-    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 8, 8])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, cout, 8, 8])],
-                              [numpy_helper.from_array(np.asarray(v), k) for k, v in c.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def test_int8_convolutions_are_exact_on_every_cpu(tmp_path):
@@ -60,7 +40,7 @@ def test_int8_convolutions_are_exact_on_every_cpu(tmp_path):
     lo, hi = float(exact.min()), float(exact.max())
     y_scale = (hi - lo) / 255
     y_zero = int(round(-lo / y_scale))
-    model = _conv_model(w, w_scale, y_scale, y_zero)
+    model = qdq_conv_model(w, w_scale, y_scale, y_zero, hw=8, pad=1)  # ORT runs it as one QLinearConv
     path = tmp_path / "conv.onnx"
     path.write_bytes(model.SerializeToString())
 
