@@ -17,14 +17,38 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_json(obj, path: str | os.PathLike) -> Path:
-    """Write JSON atomically: a temp name, then rename, so no half-written file looks complete."""
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text atomically: a unique temporary name in the same folder, then rename, so no half-written file
+    looks complete and two writers never share a temporary file."""
+    import tempfile
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_json(obj, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (see atomic_write_text)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike, default=None):
+    """The JSON in `path`, or `default` when it is missing or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
 
 
 def stage_onnx(model, out: Path) -> Path:

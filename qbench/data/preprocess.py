@@ -61,3 +61,10 @@ def to_input(images: list[np.ndarray]) -> np.ndarray:
     """Letterboxed BGR uint8 images -> float32 NCHW RGB in [0, 1], the model's input."""
     batch = np.stack(images)[..., ::-1].transpose(0, 3, 1, 2)
     return np.ascontiguousarray(batch, dtype=np.float32) / 255.0
+
+
+def load_batch(paths, imgsz: int) -> np.ndarray:
+    """Image files -> the model's input batch (read, letterboxed to imgsz, float32 NCHW RGB in [0, 1])."""
+    from .dataset import read_image
+
+    return to_input([letterbox(read_image(p), imgsz)[0] for p in paths])

@@ -134,11 +134,11 @@ def equalization_tag(report: dict) -> str:
 
 def equalize_torch(model, report: dict) -> int:
     """Apply the scales of an `equalize` report to the matching convs of a FUSED ultralytics model in place (the
-    model the ONNX was exported from; node names map to modules as in qbench.qat.module_for_node). Returns the
+    model the ONNX was exported from; node names map to modules as in qbench.models.modules.module_for_node). Returns the
     number of chains applied."""
     import torch
 
-    from ..qat import module_for_node
+    from ..models.modules import module_for_node
 
     done = 0
     with torch.no_grad():

@@ -529,6 +529,19 @@ def _resolve_exclusions(model, head: HeadInfo | None, recipe: Recipe) -> tuple[l
     return excluded, sorted(forced, key=order.__getitem__), unmatched
 
 
+def _activation_census(model) -> str:
+    """'SiLU x57, Softmax x1'-style count of a float graph's activations (SiLU = a Sigmoid read by a Mul with it)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    silu = sum(1 for n in model.graph.node if n.op_type == "Mul" and any(
+        producers.get(i) is not None and producers[i].op_type == "Sigmoid" and producers[i].input[0] in n.input
+        for i in n.input))
+    c = Counter(n.op_type for n in model.graph.node
+                if n.op_type in ("LeakyRelu", "Relu", "PRelu", "HardSwish", "Clip", "Softmax", "Sigmoid"))
+    c["Sigmoid"] -= silu
+    parts = ([f"SiLU x{silu}"] if silu else []) + [f"{k} x{v}" for k, v in sorted(c.items()) if v > 0]
+    return ", ".join(parts) or "no activations"
+
+
 def _calib_paths(calib) -> list[Path]:
     if isinstance(calib, (str, os.PathLike)):
         p = Path(calib)
@@ -677,11 +690,22 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
             eq_reader = CalibrationReader(used[:MAX_IMAGES], imgsz, info["input_name"], batch=1)
             equalized = equalize(pmodel, eq_reader, recipe.equalize)
             seconds["equalize"] = time.perf_counter() - t
+            if not equalized["chains"]:
+                raise QbenchError(f"recipe {recipe.name}: 'equalize' rescales Conv -> ReLU/LeakyReLU -> Conv chains "
+                                  f"(activations with f(s x) = s f(x)), and '{src.name}' has none "
+                                  f"({_activation_census(pmodel)}), so it would change nothing; use a recipe "
+                                  "without it (e.g. default).")
         unshifted = None
         if recipe.shift_negative:
             from .shift import MAX_IMAGES as SHIFT_IMAGES
+            from .shift import SOURCES as SHIFT_SOURCES
             from .shift import shift_negative
 
+            if not any(n.op_type in SHIFT_SOURCES for n in pmodel.graph.node):
+                raise QbenchError(f"recipe {recipe.name}: 'shift_negative' shifts LeakyReLU outputs, and "
+                                  f"'{src.name}' has none ({_activation_census(pmodel)}), so it would only shift the "
+                                  "image input; use a recipe without it (e.g. default), or --max-drop for layers "
+                                  "that lose too much.")
             t = time.perf_counter()
             unshifted = onnx.ModelProto()
             unshifted.CopyFrom(pmodel)  # shifted again with the shifts on their INT8 grids after quantizing
