@@ -156,8 +156,7 @@ def save_manifest(m: dict, path: str | os.PathLike) -> Path:
     The dataset's data.yaml is also recorded relative to the manifest's folder (`data_from_manifest`), so a
     committed manifest still finds its images from another clone or machine with the same layout. A sample of the
     embedded synthetic set is recorded as `data: qbench:default` instead: its images live in qbench's cache and
-    are regenerated wherever the manifest is loaded (bit-identical on the same kind of CPU; elsewhere each image
-    that differs from its sha256 must be exactly what this machine's generator draws, `default.is_regenerated`).
+    are regenerated, bit-identically on every CPU, wherever the manifest is loaded.
     """
     from .data.default import default_data_dir
 
@@ -172,7 +171,7 @@ def save_manifest(m: dict, path: str | os.PathLike) -> Path:
 
 def load_manifest(path: str | os.PathLike, verify: bool = True) -> tuple[dict, list[Path]]:
     """Read a manifest; returns it and the absolute image paths. With verify, every image must exist and match
-    its recorded sha256 (an image of the embedded set: or be exactly what this machine's generator draws)."""
+    its recorded sha256."""
     p = Path(path)
     if not p.is_file():
         raise QbenchError(f"calibration manifest '{p}' does not exist; build one with `qbench calib`.")
@@ -186,7 +185,7 @@ def load_manifest(path: str | os.PathLike, verify: bool = True) -> tuple[dict, l
     rel = m.get("data_from_manifest")
     embedded = m.get("data") == DEFAULT_DATA
     if embedded:  # the embedded synthetic set: generated on first use
-        from .data.default import default_data, is_regenerated
+        from .data.default import default_data
 
         root = default_data().parent
     elif rel and (p.parent / rel).is_file():  # portable: the data.yaml next to which the images were found
@@ -200,8 +199,7 @@ def load_manifest(path: str | os.PathLike, verify: bool = True) -> tuple[dict, l
         if verify:
             if not img.is_file():
                 raise QbenchError(f"calibration image '{img}' listed in '{p}' is missing; {REBUILD}.")
-            # the embedded set is redrawn on every machine, bit-identical only on the same kind of CPU
-            if sha256_file(img) != entry.get("sha256") and not (embedded and is_regenerated(img)):
+            if sha256_file(img) != entry.get("sha256"):
                 raise QbenchError(f"calibration image '{img}' changed since the manifest '{p}' was made; {REBUILD}.")
         paths.append(img)
     if not paths:

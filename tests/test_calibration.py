@@ -194,10 +194,9 @@ def test_committed_manifests_match_the_shared_datasets(name):
 
 
 def test_committed_default_manifest_matches_the_regenerated_synthetic_set():
-    """calibration/synth-train-512.json names the embedded set (not a path of this machine's cache). Each image is
-    bit-identical to its committed sha256 on the kind of CPU that wrote it, and elsewhere exactly what this
-    machine's generator draws (SIMD code paths round some float steps differently, so JPEG bytes differ between
-    CPU types). Rebuilding it picks the same images with the same classes, and an edited image is refused."""
+    """calibration/synth-train-512.json names the embedded set (not a path of this machine's cache); every
+    regenerated image matches its committed sha256 (on any CPU: tests/test_synth.py). Rebuilding it picks the same
+    images with the same classes, and an edited image is refused."""
     from qbench.data.default import DEFAULT_CALIB, default_data
 
     m, paths = load_manifest(DEFAULT_CALIB)  # generates the default set if needed, verifies every image
@@ -209,7 +208,7 @@ def test_committed_default_manifest_matches_the_regenerated_synthetic_set():
     victim = paths[0]
     original = victim.read_bytes()
     try:
-        victim.write_bytes(original[:-64] + bytes(64))  # same size, other bytes: not what the generator draws
+        victim.write_bytes(original[:-64] + bytes(64))  # same size, other bytes
         with pytest.raises(QbenchError, match="changed since the manifest"):
             load_manifest(DEFAULT_CALIB)
     finally:

@@ -432,6 +432,7 @@ def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_p
     from qbench.models.export import export_onnx
     from qbench.quantize.equalize import channel_ranges, equalize, find_chains
     from qbench.quantize.ort_engine import PREPARED_FP32, PREPARED_META, preparation_of
+    from qbench.runtime import ort_session
 
     fp32 = export_onnx(REPO / "results/training/synth-l3-leaky-320/weights/best.pt", tmp_path / "fp32.onnx",
                        imgsz=96)
@@ -472,7 +473,7 @@ def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_p
     layers = conv_layers(q)
     mixed = keep_float(q, feq, layers)  # every conv back in float: close to the float model, not garbage
     y3 = ort.InferenceSession(mixed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
-    y4 = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    y4 = ort_session(tmp_path / "int8.onnx").run(None, x)[0]  # exact int8 on every CPU
     assert np.abs(y3 - y0).mean() < np.abs(y4 - y0).mean()
     from qbench.analysis.inspect import inspect_models
 
@@ -497,6 +498,7 @@ def test_shift_negative_keeps_the_float_function_and_gives_symmetric_int8_the_as
     from qbench.quantize.ort_engine import PREPARED_FP32, PREPARED_META, preparation_of
     from qbench.quantize.profile import apply_profile
     from qbench.quantize.shift import SHIFT_SUFFIX, shift_negative
+    from qbench.runtime import ort_session
 
     fp32 = export_onnx(REPO / "results/training/synth-l3-leaky-320/weights/best.pt", tmp_path / "fp32.onnx",
                        imgsz=96)
@@ -514,8 +516,8 @@ def test_shift_negative_keeps_the_float_function_and_gives_symmetric_int8_the_as
     y1 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_allclose(y1, y0, rtol=1e-3, atol=1e-3 * np.abs(y0).max())  # the same function in float
 
-    def err(q):
-        y = ort.InferenceSession(str(q), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    def err(q):  # qbench's sessions: exact int8 on every CPU (ORT's u8s8 kernels saturate without VNNI)
+        y = ort_session(q).run(None, x)[0]
         return float(np.mean((y - y0) ** 2))
 
     for fusion in ("fused", "unfused"):
@@ -532,7 +534,9 @@ def test_shift_negative_keeps_the_float_function_and_gives_symmetric_int8_the_as
             assert prod.get(a.input[0]) is None or prod[a.input[0]].op_type == "LeakyRelu"
             assert all(c.op_type == "QuantizeLinear" for c in q.graph.node if a.output[0] in c.input)
         # centred tensors on the symmetric grid: measurably closer to FP32 than without the shifts
-        assert err(tmp_path / fusion / "int8.onnx") < 0.9 * err(tmp_path / fusion / "plain.onnx"), fusion
+        ratio = err(tmp_path / fusion / "int8.onnx") / err(tmp_path / fusion / "plain.onnx")
+        print(f"shift-negative {fusion}: output MSE {ratio:.3f}x the unshifted model's")
+        assert ratio < 0.9, (fusion, ratio)
         assert r["shift_negative"]["snapped_to_grid"] == len(shifted)  # the Pads pad with values on the grid
         assert r["shift_negative"]["images"] == 12  # the shifts' images (calib_size 12 < MAX_IMAGES)
 

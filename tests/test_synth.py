@@ -19,6 +19,34 @@ def test_same_seed_same_bytes_and_subsets_agree(tmp_path):
         assert (a.parent / "labels/val" / f"{name}.txt").read_text() == (b.parent / "labels/val" / f"{name}.txt").read_text()
 
 
+def test_the_default_set_is_the_same_whatever_simd_the_cpu_has():
+    """The committed manifest's sha256 hold for images drawn with OpenCV's optimised code off and NumPy's SIMD
+    dispatch off (every dispatchable feature this CPU has): the bytes do not depend on which vector units a CPU has
+    (version 1 of the generator drew other pixels on AVX2 than on AVX-512 machines)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    from qbench.data.default import DEFAULT_CALIB
+
+    entries = json.loads(DEFAULT_CALIB.read_text())["images"][:24]
+    code = ("import cv2, hashlib, sys; cv2.setUseOptimized(False); from qbench.data import synth; "
+            "print(' '.join(hashlib.sha256(synth.render_image(synth.SynthConfig(), 'train', int(i))[0]).hexdigest() "
+            "for i in sys.argv[1:]))")
+    indices = [e["path"].rsplit("_", 1)[1].split(".")[0] for e in entries]
+    off = " ".join(f for f in __cpu_dispatch__ if __cpu_features__.get(f))
+    for env in ({}, {"NPY_DISABLE_CPU_FEATURES": off} if off else None):
+        if env is None:
+            continue
+        r = subprocess.run([sys.executable, "-c", code, *indices], capture_output=True, text=True,
+                           env={**os.environ, **env}, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [e["sha256"] for e in entries], env
+
+
 def test_different_seed_differs():
     j0, _ = synth.render_image(synth.SynthConfig(seed=0), "val", 0)
     j1, _ = synth.render_image(synth.SynthConfig(seed=1), "val", 0)

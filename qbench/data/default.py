@@ -2,13 +2,12 @@
 
 The default data is generated on first use into qbench's cache folder
 (`$QBENCH_CACHE`, default ~/.cache/qbench) and reused afterwards. Generation is
-deterministic, so the cached set is the very set the default model was trained
-and scored on.
+deterministic and the same on every CPU (see synth.py), so the sha256 of
+calibration/synth-train-512.json hold wherever it is regenerated.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 from pathlib import Path
@@ -60,32 +59,6 @@ def default_data(progress: bool = False) -> Path:
     if not (d / "data.yaml").exists():
         synth_dataset(d, progress=progress)
     return d / "data.yaml"
-
-
-def is_regenerated(image: str | Path) -> bool:
-    """Whether `image` of the default set holds exactly what the generator draws for it on this machine.
-
-    The generator is deterministic per machine, but not across CPUs: OpenCV's and NumPy's SIMD code paths (AVX2,
-    AVX-512, ...) round some float steps differently, so a few pixels, and so the JPEG bytes, of most images differ
-    between CPU types (378 of the 512 calibration images between an AVX-512 and an AVX2 machine). A committed
-    sha256 of the default set therefore only holds on the kind of CPU that wrote it; this check is the
-    CPU-independent one: a file that is not what this machine draws (edited, truncated, from another generator
-    version) is refused."""
-    image = Path(image)
-    if not image.is_file():
-        return False
-    st = image.stat()
-    return _is_regenerated(str(image.resolve()), st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_regenerated(image: str, mtime_ns: int, size: int) -> bool:  # once per file version and process
-    path = Path(image)
-    split, _, index = path.stem.rpartition("_")
-    if split not in synth.SPLIT_IDS or not index.isdigit():
-        return False
-    jpeg, _ = synth.render_image(synth.SynthConfig(seed=DEFAULT_SEED), split, int(index))
-    return path.read_bytes() == jpeg
 
 
 def default_weights() -> Path:

@@ -15,6 +15,15 @@ lighting, sensor noise and JPEG compression. Every image is drawn from its own
 random stream seeded by (seed, split, index), so any subset of a split can be
 regenerated bit-identically, and `generate(..., n_train=0)` yields the same val
 images as a full run.
+
+The same on every CPU: OpenCV draws only with its integer rasterizers (lines,
+polygons, circles, text on uint8 images); every float step (perspective warp,
+resizing, blur, exposure and gamma) is written here in NumPy elementwise
+arithmetic, which IEEE fixes to the last bit whatever SIMD a CPU has, and the
+few transcendental values (sin/cos, exp, pow) are rounded to 9 significant
+digits first (the last bits of libm and of NumPy's SIMD kernels differ by CPU).
+OpenCV's own float warp, resize and blur (version 1) gave other pixels on AVX2
+than on AVX-512 machines.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ NAMES = ["prohibitory", "danger", "mandatory", "other"]
 SPLIT_IDS = {"train": 1, "val": 2}
 CANVAS = 128  # side of the canonical sign patch, pixels
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 416, 256  # road-scene aspect (GTSDB frames are 1360x800)
-GENERATOR_VERSION = 1  # bump when the drawing changes; recorded in data.yaml
+GENERATOR_VERSION = 2  # bump when the drawing changes; recorded in data.yaml (2: the same on every CPU)
 
 
 @dataclass(frozen=True)
@@ -256,6 +265,113 @@ def draw_distractor(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return img, mask
 
 
+# --------------------------------------------------------------------------- CPU-independent float steps
+def _r9(v: float) -> float:
+    """A transcendental result rounded to 9 significant digits: libm's last bits differ between CPUs."""
+    return float(f"{v:.9g}")
+
+
+def _bilinear(src: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
+    """src (H, W[, C]) sampled at float64 coordinates (sx, sy), bilinear, 0 outside; float64 result."""
+    h, w = src.shape[:2]
+    a = src.astype(np.float64)
+    x0, y0 = np.floor(sx), np.floor(sy)
+    fx, fy = sx - x0, sy - y0
+    x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
+    out = 0.0
+    for dy, wy in ((0, 1.0 - fy), (1, fy)):
+        for dx, wx in ((0, 1.0 - fx), (1, fx)):
+            xi, yi = x0 + dx, y0 + dy
+            ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+            v = a[np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1)]
+            wgt = np.where(ok, wx * wy, 0.0)
+            out = out + (v * wgt[..., None] if v.ndim == 3 else v * wgt)
+    return out
+
+
+def _resize(src: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Bilinear resize (pixel centres aligned, edges clamped), float64."""
+    sh, sw = src.shape[:2]
+    xs = np.clip((np.arange(w) + 0.5) * (sw / w) - 0.5, 0, sw - 1)
+    ys = np.clip((np.arange(h) + 0.5) * (sh / h) - 0.5, 0, sh - 1)
+    sx, sy = np.meshgrid(xs, ys)
+    return _bilinear(src, sx, sy)
+
+
+def _homography(src: np.ndarray, dst: np.ndarray) -> list[list[float]]:
+    """The 3x3 perspective transform taking the 4 points src to dst, solved in plain Python floats."""
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(src.tolist(), dst.tolist()):
+        rows.append([x, y, 1.0, 0.0, 0.0, 0.0, -u * x, -u * y])
+        rhs.append(u)
+        rows.append([0.0, 0.0, 0.0, x, y, 1.0, -v * x, -v * y])
+        rhs.append(v)
+    n = 8
+    m = [r + [b] for r, b in zip(rows, rhs)]
+    for c in range(n):  # Gauss-Jordan with partial pivoting
+        piv = max(range(c, n), key=lambda r: abs(m[r][c]))
+        m[c], m[piv] = m[piv], m[c]
+        for r in range(n):
+            if r != c and m[r][c] != 0.0:
+                f = m[r][c] / m[c][c]
+                m[r] = [a - f * b for a, b in zip(m[r], m[c])]
+    h = [m[r][n] / m[r][r] for r in range(n)] + [1.0]
+    return [h[0:3], h[3:6], h[6:9]]
+
+
+def _inverse3(a: list[list[float]]) -> list[list[float]]:
+    (p, q, r), (s_, t, u), (v, w, x) = a
+    det = p * (t * x - u * w) - q * (s_ * x - u * v) + r * (s_ * w - t * v)
+    adj = [[t * x - u * w, r * w - q * x, q * u - r * t],
+           [u * v - s_ * x, p * x - r * v, r * s_ - p * u],
+           [s_ * w - t * v, q * v - p * w, p * t - q * s_]]
+    return [[e / det for e in row] for row in adj]
+
+
+def _warp_perspective(src: np.ndarray, m: list[list[float]], w: int, h: int) -> np.ndarray:
+    """src warped by m into (h, w) (inverse mapping, bilinear, 0 outside), uint8."""
+    inv = _inverse3(m)
+    xs, ys = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+    den = inv[2][0] * xs + inv[2][1] * ys + inv[2][2]
+    sx = (inv[0][0] * xs + inv[0][1] * ys + inv[0][2]) / den
+    sy = (inv[1][0] * xs + inv[1][1] * ys + inv[1][2]) / den
+    return np.clip(np.round(_bilinear(src, sx, sy)), 0, 255).astype(np.uint8)
+
+
+def _filter_rows_cols(img: np.ndarray, kx: list[float], ky: list[float]) -> np.ndarray:
+    """Separable filter (taps summed in a fixed order, borders reflected as OpenCV's BORDER_REFLECT_101)."""
+    out = img.astype(np.float64)
+    for axis, k in ((1, kx), (0, ky)):
+        r = len(k) // 2
+        if r == 0:
+            continue
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (r, r)
+        p = np.pad(out, pad, mode="reflect")
+        n = out.shape[axis]
+        acc = 0.0
+        for i, c in enumerate(k):
+            acc = acc + c * np.take(p, np.arange(i, i + n), axis=axis)
+        out = acc
+    return out
+
+
+def _gaussian_kernel(sigma: float) -> list[float]:
+    r = max(1, int(math.ceil(3 * sigma)))
+    k = [_r9(math.exp(-(i * i) / (2 * sigma * sigma))) for i in range(-r, r + 1)]
+    total = sum(k)
+    return [v / total for v in k]
+
+
+def _gamma(img: np.ndarray, gamma: float) -> np.ndarray:
+    """255 * (img / 255) ** gamma through a 9-digit table of the 256 integer levels, linear in between."""
+    lut = np.array([_r9(255.0 * (i / 255.0) ** gamma) for i in range(256)], np.float64)
+    x = np.clip(img, 0, 255)
+    i0 = np.minimum(np.floor(x).astype(np.int64), 254)
+    f = x - i0
+    return lut[i0] * (1.0 - f) + lut[i0 + 1] * f
+
+
 # --------------------------------------------------------------------------- scene
 def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     img = np.empty((h, w, 3), np.float32)
@@ -306,8 +422,8 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
         for dx in (cw // 5, 4 * cw // 5):
             cv2.circle(img, (cx + dx, cy), max(2, cw // 8), (25, 25, 25), -1)
     # low-frequency texture
-    tex = cv2.resize(rng.normal(0, 1, (max(h // 16, 2), max(w // 16, 2), 1)).astype(np.float32), (w, h))
-    img = np.clip(img.astype(np.float32) + tex[..., None] * rng.uniform(4, 14), 0, 255).astype(np.uint8)
+    tex = _resize(rng.normal(0, 1, (max(h // 16, 2), max(w // 16, 2))), w, h)
+    img = np.clip(img.astype(np.float64) + tex[..., None] * rng.uniform(4, 14), 0, 255).astype(np.uint8)
     return img
 
 
@@ -317,16 +433,14 @@ def _warp(patch: np.ndarray, mask: np.ndarray, size: float, rng: np.random.Gener
     src = np.array([[0, 0], [s, 0], [s, s], [0, s]], np.float32)
     persp = rng.uniform(-0.08, 0.08, (4, 2)) * s
     ang = math.radians(rng.uniform(-10, 10))
-    rot = np.array([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]])
+    c, sn = _r9(math.cos(ang)), _r9(math.sin(ang))
+    rot = np.array([[c, -sn], [sn, c]])
     aspect = rng.uniform(0.8, 1.05)  # signs seen at an angle look narrower
     dst = (src - s / 2 + persp) @ rot.T * np.array([aspect, 1.0]) + s / 2
     dst = (dst - dst.min(0)) * (size / s)
     ow, oh = int(math.ceil(dst[:, 0].max())) + 2, int(math.ceil(dst[:, 1].max())) + 2
-    m = cv2.getPerspectiveTransform(src, dst.astype(np.float32))
-    # warp from a supersampled patch for clean edges at small sizes
-    img = cv2.warpPerspective(patch, m, (ow, oh), flags=cv2.INTER_AREA if size < s else cv2.INTER_LINEAR)
-    alpha = cv2.warpPerspective(mask, m, (ow, oh), flags=cv2.INTER_LINEAR)
-    return img, alpha
+    m = _homography(src, dst)
+    return _warp_perspective(patch, m, ow, oh), _warp_perspective(mask, m, ow, oh)
 
 
 def _paste(scene, img, alpha, x, y, shade):
@@ -369,7 +483,7 @@ def render_image(cfg: SynthConfig, split: str, index: int) -> tuple[bytes, list[
     rng.shuffle(objects)
     lo, hi = math.log(cfg.min_size), math.log(cfg.max_size)
     for cls, is_sign in objects:
-        size = math.exp(rng.uniform(lo, hi))
+        size = _r9(math.exp(rng.uniform(lo, hi)))
         patch, mask = draw_sign(cls, rng) if is_sign else draw_distractor(rng)
         img, alpha = _warp(patch, mask, size, rng)
         h, w = alpha.shape
@@ -393,19 +507,18 @@ def render_image(cfg: SynthConfig, split: str, index: int) -> tuple[bytes, list[
         if is_sign and bw >= 4 and bh >= 4:
             labels.append((cls, (box[0] + box[2]) / 2 / W, (box[1] + box[3]) / 2 / H, bw / W, bh / H))
     # camera effects
-    img = scene.astype(np.float32)
+    img = scene.astype(np.float64)
     img = img * rng.uniform(0.6, 1.3) + rng.uniform(-30, 30)  # exposure
-    gamma = rng.uniform(0.7, 1.4)
-    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** gamma
+    img = _gamma(img, rng.uniform(0.7, 1.4))
     tint = rng.uniform(0.9, 1.1, 3)
     img = img * tint
     r = rng.random()
     if r < 0.4:
-        k = rng.uniform(0.3, 1.3)
-        img = cv2.GaussianBlur(img, (0, 0), k)
+        k = _gaussian_kernel(rng.uniform(0.3, 1.3))
+        img = _filter_rows_cols(img, k, k)
     elif r < 0.55:  # horizontal motion blur
         n = int(rng.integers(3, 6))
-        img = cv2.filter2D(img, -1, np.ones((1, n), np.float32) / n)
+        img = _filter_rows_cols(img, [1.0 / n] * n if n % 2 else [1.0 / n] * n + [0.0], [1.0])
     img = img + rng.normal(0, rng.uniform(0, 8), img.shape)
     img = np.clip(img, 0, 255).astype(np.uint8)
     quality = int(rng.integers(55, 96))
