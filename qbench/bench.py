@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 from . import __version__
 from .evaluate import EvalSettings, evaluate
-from .files import write_json
+from .files import command_line, scratch, write_json
 from .runtime import default_threads, int8_host
 
 
 def _ultralytics_val(model: Path, data: Path, imgsz: int, batch: int, conf: float, iou: float) -> dict:
     from .ultra import YOLO
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("bench") as tmp:
         m = YOLO(str(model), task="detect")
         r = m.val(data=str(data), imgsz=imgsz, batch=batch, conf=conf, iou=iou, rect=False, plots=False,
                   device="cpu", verbose=False, project=tmp, name="val", save_json=False)
@@ -38,7 +37,7 @@ def bench_eval(model: str | Path, data: str | Path, out: str | Path, repeats: in
 
     data, out = Path(data), Path(out)
     load_data_yaml(data)
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("bench") as tmp:
         if Path(model).suffix.lower() == ".pt":
             from .models.export import export_onnx
 
@@ -63,7 +62,7 @@ def _bench_eval(model: Path, source: Path, data: Path, out: Path, repeats: int, 
         theirs = _ultralytics_val(model, data, imgsz, batch, settings.conf, settings.iou)
         times_u.append(time.perf_counter() - t)
     q, u = statistics.median(times_q), statistics.median(times_u)
-    command = " ".join(["qbench", *(argv or [])[1:]]) if argv else f"qbench bench eval {model} --data {data} --out {out}"
+    command = command_line(argv) if argv else f"qbench bench eval {model} --data {data} --out {out}"
     result = {
         "command": command,
         "model": str(source), "data": str(data), "images": ours["data"]["images"], "imgsz": imgsz, "batch": batch,
@@ -125,7 +124,7 @@ def bench_sweep(model: str | Path, data: str | Path, calib: str | Path, out: str
                           f"{max(sizes)}; build a larger one with `qbench calib --n {max(sizes)}`.")
     settings = EvalSettings(batch=batch)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("bench") as tmp:
         tmp = Path(tmp)
         fp32_path = _fp32_onnx(model, tmp, imgsz)
         fp32 = evaluate(fp32_path, data, settings, progress=progress)
@@ -136,7 +135,7 @@ def bench_sweep(model: str | Path, data: str | Path, calib: str | Path, out: str
                          "delta_mAP50-95": r["metrics"]["mAP50-95"] - fp32["metrics"]["mAP50-95"],
                          "delta_mAP50": r["metrics"]["mAP50"] - fp32["metrics"]["mAP50"],
                          "calibration_s": q["calibration"]["seconds"]})
-    command = " ".join(["qbench", *(argv or [])[1:]]) if argv else None
+    command = command_line(argv) if argv else None
     result = {"command": command, "model": str(model), "data": str(data), "calibration": str(calib),
               "recipe": base.to_dict(), "fp32": fp32["metrics"], "imgsz": fp32["settings"]["imgsz"], "rows": rows,
               "qbench_version": __version__}
@@ -178,7 +177,7 @@ def bench_calib_memory(model: str | Path, calib: str | Path, out: str | Path, si
 
     model, out = Path(model), Path(out)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("bench") as tmp:
         tmp = Path(tmp)
         fp32 = _fp32_onnx(model, tmp, imgsz)
         for n in sizes:
@@ -192,7 +191,7 @@ def bench_calib_memory(model: str | Path, calib: str | Path, out: str | Path, si
     base = rows[0]["peak_rss_mb"]
     for r in rows:
         r["ratio_to_smallest"] = round(r["peak_rss_mb"] / base, 3)
-    command = " ".join(["qbench", *(argv or [])[1:]]) if argv else None
+    command = command_line(argv) if argv else None
     write_json({"command": command, "model": str(model), "calibration": str(calib), "recipe": recipe,
                 "rows": rows, "qbench_version": __version__}, out / "memory.json")
     lines = ["# Peak memory of calibration + quantization vs calibration size", "",
@@ -242,7 +241,7 @@ def bench_inspect(fp32: str | Path, int8: str | Path, calib: str | Path, data: s
     t = time.perf_counter()
     ev = evaluate(fp32, data, settings, progress=progress)
     eval_s = time.perf_counter() - t
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("bench") as tmp:
         t = time.perf_counter()
         ins = inspect_run(fp32=fp32, int8=int8, calib=calib, data=data, out=Path(tmp) / "inspect", images=images,
                           error_images=error_images, progress=progress)
@@ -256,7 +255,7 @@ def bench_inspect(fp32: str | Path, int8: str | Path, calib: str | Path, data: s
             mem.append({**json.loads(r.stdout.strip().splitlines()[-1]), "images": n})
     for m in mem:
         m["ratio_to_smallest"] = round(m["peak_rss_mb"] / mem[0]["peak_rss_mb"], 3)
-    command = " ".join(["qbench", *(argv or [])[1:]]) if argv else None
+    command = command_line(argv) if argv else None
     result = {"command": command, "fp32": str(fp32), "int8": str(int8), "calibration": str(calib), "data": str(data),
               "imgsz": ins["imgsz"], "images": images, "error_images": error_images,
               "fp32_eval_s": round(eval_s, 2), "fp32_eval_images": ev["data"]["images"],
@@ -308,7 +307,7 @@ def bench_engines(weights: str | Path, data: str | Path, calib: str | Path, out:
         raise QbenchError(f"'{weights}' is not a .pt checkpoint; the INC engine quantizes the PyTorch model, so pass "
                           "the trained best.pt.")
     engines: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="qbench-engines-") as tmp:
+    with scratch("engines") as tmp:
         tmp = Path(tmp)
         fp32 = export_onnx(weights, tmp / "fp32.onnx")
         t = time.perf_counter()
@@ -331,7 +330,7 @@ def bench_engines(weights: str | Path, data: str | Path, calib: str | Path, out:
             engines["int8_inc"] = {"engine": "neural-compressor", "seconds": round(time.perf_counter() - t, 1),
                                    "status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"}
         c = compare(fp32, None, data, EvalSettings(), progress=progress, extra=models)
-    command = " ".join(["qbench", *(argv or [])[1:]]) if argv else None
+    command = command_line(argv) if argv else None
     result = {"command": command, "weights": str(weights), "data": str(data), "calibration": str(calib),
               "engines": engines, "compare": {k: v for k, v in c.items() if k != "evaluations"},
               "qbench_version": __version__, "threads": c["threads"], "host": c["host"]}

@@ -207,6 +207,29 @@ def load_manifest(path: str | os.PathLike, verify: bool = True) -> tuple[dict, l
     return m, paths
 
 
+def scored_overlap(calib, data, split: str = "val", allow: bool = False) -> dict:
+    """How many calibration images are images of the split being scored. Calibrating on what is scored fits the
+    INT8 ranges to those very images and flatters the result, so any overlap is refused unless `allow`
+    (`--allow-scored-calib`), and then recorded: {"images", "in_scored_split", "split", "manifest"}."""
+    from .data.dataset import image_files, load_data_yaml
+
+    if isinstance(calib, (str, os.PathLike)) and Path(calib).suffix.lower() == ".json":
+        manifest, paths = load_manifest(calib, verify=False)
+        name = Path(calib)
+    else:
+        manifest, paths, name = {}, [Path(c) for c in (calib or [])], None
+    scored = {os.path.realpath(f) for f in image_files(load_data_yaml(data, require=(split,)), split)}
+    n = sum(os.path.realpath(p) in scored for p in paths)
+    if n and not allow:
+        where = f"calibration manifest '{name}'" if name else "the calibration set"
+        raise QbenchError(f"{where} takes {n} of its {len(paths)} images from the '{split}' split being scored "
+                          f"({data}): INT8 ranges fitted to the scored images flatter its accuracy. Build the "
+                          f"manifest from the train split (`qbench calib --data {data}`), or pass "
+                          "--allow-scored-calib to measure it anyway (every summary then says so).")
+    return {"images": len(paths), "in_scored_split": n, "split": manifest.get("split"),
+            "manifest": str(name) if name else None}
+
+
 class CalibrationReader(_ReaderBase):
     """Streams letterboxed float32 NCHW batches {input_name: array} for ONNX Runtime calibration.
 

@@ -27,6 +27,21 @@ PROFILE_HELP = ("NPU profile applied on top of the recipe: cpu, npu-symmetric, n
 FUSION_HELP = "Conv+activation quantization: fused | unfused | ort (overrides the profile's activation_fusion)."
 
 
+@app.callback()
+def _options(
+    trust_weights: Optional[list[Path]] = typer.Option(
+        None, "--trust-weights", help="Load this .pt with full unpickling, which runs any code pickled in it (by "
+        "default only the classes a YOLO checkpoint holds are unpickled and anything else is refused). Only for "
+        "files you trust; repeat for several."),
+):
+    """INT8 quantization and validation workbench for YOLO detectors."""
+    from .models import safeload
+
+    for p in trust_weights or []:
+        safeload.trust(p)
+        _say(f"warning: --trust-weights: '{p}' will be fully unpickled; any code in it runs.")
+
+
 def _say(msg: str) -> None:
     typer.echo(msg, err=True)
 
@@ -110,6 +125,10 @@ def eval_cmd(
     from .files import write_json
 
     settings = EvalSettings(split=split, imgsz=imgsz, batch=batch, conf=conf, iou=iou, threads=threads, limit=limit)
+    if out:
+        from .files import check_writable
+
+        check_writable(out.parent, "metrics.json")
     result = evaluate(model, data, settings, progress=True)
     typer.echo(format_table(result))
     t = result["timing"]
@@ -131,7 +150,16 @@ def calib(
     """Build a calibration manifest: a seeded, class-stratified sample (paths + sha256) that later runs reuse."""
     from .calibration import build_manifest, save_manifest
     from .data.default import default_data
+    from .files import check_writable
+    from .quantize.recipe import MIN_CALIB
 
+    if out.exists():
+        raise QbenchError(f"'{out}' already exists; a manifest is a record later runs rely on, so choose another "
+                          "--out or delete it first.")
+    if not isinstance(n, int) or n < MIN_CALIB:
+        raise QbenchError(f"--n {n} is too few: quantization needs at least {MIN_CALIB} calibration images "
+                          "(default 128).")
+    check_writable(out.parent, "the manifest")
     m = build_manifest(data or default_data(progress=True), n, split=split, seed=seed)
     save_manifest(m, out)
     typer.echo(f"wrote {out}: {m['n']} images of '{split}' (seed {seed}), images per class {m['class_counts']}")
@@ -160,14 +188,14 @@ def quantize(
                                          "tuning accepts."),
     max_trials: int = typer.Option(3, "--max-trials", help="--engine inc: tuning trials at most."),
     threads: Optional[int] = typer.Option(None),
+    allow_scored_calib: bool = typer.Option(False, "--allow-scored-calib", help="With --max-drop: accept a --calib "
+                                            "manifest that holds images of the scored split."),
 ):
     """Static INT8 PTQ with ONNX Runtime (QDQ), the YOLO decode kept in float; or Intel Neural Compressor."""
-    import tempfile
-
     from .calibration import build_manifest, save_manifest
     from .data.dataset import image_files, load_data_yaml
     from .evaluate import EvalSettings
-    from .files import write_json
+    from .files import scratch, write_json
     from .models.export import export_onnx
     from .quantize import apply_profile, quantize_max_drop, quantize_ort
 
@@ -188,7 +216,7 @@ def quantize(
         raise QbenchError("--max-drop needs --data DATA.yaml: the budget is measured on its val split.")
     if max_drop is None and (calib_manifest is None) == (data is None):
         raise QbenchError("pass exactly one of --calib MANIFEST.json or --data DATA.yaml for the calibration images.")
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("cli") as tmp:
         if calib_manifest is None:
             n = min(rec.calib_size, len(image_files(load_data_yaml(data, require=("train",)), "train")))
             calib_manifest = save_manifest(build_manifest(data, n, "train"), Path(tmp) / "calibration.json")
@@ -206,7 +234,8 @@ def quantize(
             return
         if max_drop is not None:
             m = quantize_max_drop(fp32, out, rec, calib_manifest, data, max_drop, max_float=max_float,
-                                  settings=EvalSettings(threads=threads), progress=True, threads=threads)
+                                  settings=EvalSettings(threads=threads), progress=True, threads=threads,
+                                  allow_scored_calib=allow_scored_calib)
             typer.echo(f"wrote {out}: mAP50-95 {m['fp32_mAP50-95']:.4f} FP32, {m['int8_mAP50-95']:.4f} all-INT8 "
                        f"(-{m['drop_points']['int8']} points), {m['mixed_mAP50-95']:.4f} mixed "
                        f"(-{m['drop_points']['mixed']} points, budget {max_drop}) with {len(m['float_layers'])} of "
@@ -241,6 +270,8 @@ def compare(
     recipe: str = typer.Option("default", help="Base recipe for --profile (configs/recipes/ name or YAML)."),
     fusion: Optional[str] = typer.Option(None, "--fusion", help=FUSION_HELP),
     both_fusions: bool = typer.Option(False, "--both-fusions", help="Each profile twice: fused and unfused."),
+    allow_scored_calib: bool = typer.Option(False, "--allow-scored-calib", help="Accept a --calib manifest that "
+                                            "holds images of the scored split (flatters INT8; recorded)."),
 ):
     """FP32 vs INT8 through the same evaluation path: P, R, mAP50, mAP50-95, per-class deltas, latency, size.
 
@@ -251,6 +282,10 @@ def compare(
     from .files import write_json
 
     settings = EvalSettings(batch=batch, threads=threads)
+    if out:
+        from .files import check_writable
+
+        check_writable(out, "compare.json")
     if profiles:
         if int8 is not None:
             raise QbenchError(f"pass either an INT8 model ({int8}) or --profile, not both: --profile quantizes "
@@ -261,13 +296,14 @@ def compare(
             raise QbenchError("pass --fusion or --both-fusions, not both.")
         fusions = ["fused", "unfused"] if both_fusions else [fusion] if fusion else None
         c = compare_profiles(fp32, data, calib_manifest, profiles, recipe=recipe, fusions=fusions, out=out,
-                             settings=settings, progress=True)
+                             settings=settings, progress=True, allow_scored_calib=allow_scored_calib)
     else:
         if int8 is None:
             raise QbenchError("pass an INT8 .onnx to compare with, or --profile P (with --calib) to quantize the "
                               "FP32 model under NPU profiles.")
         used = [flag for flag, given in (("--calib", calib_manifest), ("--recipe", recipe != "default"),
-                                         ("--fusion", fusion), ("--both-fusions", both_fusions)) if given]
+                                         ("--fusion", fusion), ("--both-fusions", both_fusions),
+                                         ("--allow-scored-calib", allow_scored_calib)) if given]
         if used:
             raise QbenchError(f"{', '.join(used)} only go with --profile; drop them to compare {int8} as it is.")
         c = run_compare(fp32, int8, data, settings, progress=True)
@@ -296,6 +332,8 @@ def run(
                                            "comma-separated (e.g. cpu,npu-symmetric,npu-symmetric-pow2), each "
                                            "into profiles/PROFILE-FUSION/."),
     both_fusions: bool = typer.Option(False, "--both-fusions", help="Each of --profiles twice: fused and unfused."),
+    allow_scored_calib: bool = typer.Option(False, "--allow-scored-calib", help="Accept a --calib manifest that "
+                                            "holds images of the scored split (flatters INT8; the summary says so)."),
 ):
     """The main job: export FP32 ONNX, calibrate, quantize to INT8, evaluate both, compare; writes a run folder."""
     from .pipeline import run as run_pipeline
@@ -306,7 +344,7 @@ def run(
     run_dir = run_pipeline(weights=weights, data=data, out=out, imgsz=imgsz, batch=batch, threads=threads,
                            recipe=recipe, calib=calib_manifest, baseline=baseline, profile=profile,
                            fusion=fusion, profiles=names, fusions=["fused", "unfused"] if both_fusions else None,
-                           progress=True)
+                           progress=True, allow_scored_calib=allow_scored_calib)
     typer.echo((run_dir / "summary.md").read_text())
     typer.echo(f"run folder: {run_dir}")
 
@@ -328,25 +366,30 @@ def inspect(
     variants: bool = typer.Option(True, "--variants/--no-variants", help="Also the run's NPU-profile variants "
                                   "(profiles/*/int8.onnx), sharing the FP32 statistics pass."),
 ):
-    """Per-layer activation statistics, quantization error (SQNR, cosine) and LeakyReLU diagnostics."""
+    """Per-layer activation statistics, quantization error (SQNR, cosine) and LeakyReLU / SiLU diagnostics."""
     from .analysis import inspect_run
 
     r = inspect_run(run_dir, fp32=fp32, int8=int8, calib=calib_manifest, data=data, out=out, images=images,
                     error_images=error_images, threads=threads, variants=variants, progress=True)
     s = r["summary"]
-    typer.echo(f"{s['quantized_tensors']} quantized tensors, {s['leaky_relus']} LeakyReLU "
-               f"({s['unfused_leaky_relus']} requantized after their Conv); output SQNR {s['output_sqnr_db']:.1f} dB, "
-               f"median per-tensor SQNR {s['median_isolated_sqnr_db']:.1f} dB")
+    acts = ", ".join(f"{k} x{n}" + (f" ({u} requantized after their Conv)" if (u := {"LeakyRelu": s.get(
+        "unfused_leaky_relus"), "SiLU": s.get("unfused_silus")}.get(k)) else "") for k, n in s["activations"].items())
+    typer.echo(f"{s['quantized_tensors']} quantized tensors; activations: {acts or 'none'}; output SQNR "
+               f"{s['output_sqnr_db']:.1f} dB, median per-tensor SQNR {s['median_isolated_sqnr_db']:.1f} dB")
     for row in r["leaky"][:5]:
-        typer.echo(f"  #{row['rank']} {row['layer']}: {row['sqnr_actual_db']:.1f} dB, harm {row['harm_db']:.1f} dB, "
-                   f"remedy: {row['remedy']} (+{row['remedy_gain_db']:.1f} dB)".replace("+inf dB", "no 8-bit remedy "
-                                                                                     "reaches 15 dB"))
+        typer.echo(f"  LeakyReLU #{row['rank']} {row['layer']}: {row['sqnr_actual_db']:.1f} dB, harm "
+                   f"{row['harm_db']:.1f} dB, remedy: {row['remedy']} (+{row['remedy_gain_db']:.1f} dB)"
+                   .replace("+inf dB", "no 8-bit remedy reaches 15 dB"))
+    for row in r["silu"][:5]:
+        typer.echo(f"  SiLU #{row['rank']} {row['layer']}: {row['sqnr_actual_db']:.1f} dB, harm {row['harm_db']:.1f} "
+                   f"dB, fused {row['sqnr_fused_db']:.1f} dB")
     for name, v in r["other_variants"].items():
         s = v["summary"]
         typer.echo(f"  variant {name}: output SQNR {s['output_sqnr_db']:.1f} dB, median per-tensor "
                    f"SQNR {s['median_isolated_sqnr_db']:.1f} dB ({v['out']})")
     where = r.get("out") or out or run_dir  # a QAT folder: the QAT model's files in qat/ (PTQ's: the variant line)
-    typer.echo(f"wrote {where}/layers.csv, leaky.csv, weights.csv, histograms.npz, inspect.json "
+    files = ["layers.csv"] + [f for f, rows in (("leaky.csv", r["leaky"]), ("silu.csv", r["silu"])) if rows]
+    typer.echo(f"wrote {where}/{', '.join(files)}, weights.csv, histograms.npz, inspect.json "
                f"({r['seconds']['total']:.1f} s)")
 
 
@@ -377,6 +420,8 @@ def qat(
     seed: int = typer.Option(0, help="Training seed (augmentation, data order); the run is deterministic for a seed."),
     distill: float = typer.Option(0.0, help="Weight of a distillation loss from the FP32 model (its class scores "
                                   "and box distributions) added to the detection loss; 0 = off."),
+    allow_scored_calib: bool = typer.Option(False, "--allow-scored-calib", help="Accept a --calib manifest that "
+                                            "holds images of the scored split (flatters INT8; recorded)."),
 ):
     """QAT fine-tuning with fake quantization matching a PTQ recipe/profile; exports a QDQ INT8 ONNX and scores
     FP32 / PTQ / QAT in one table (qat.json)."""
@@ -385,7 +430,7 @@ def qat(
     r = run_qat(weights, data, out, recipe=recipe, profile=profile, fusion=fusion, calib=calib_manifest,
                 epochs=epochs, imgsz=imgsz, batch=batch, lr0=lr0, device=device, workers=workers, u8_activations=u8,
                 learn_ranges=learn_ranges, range_lr=range_lr, distill=distill, progress=True,
-                **({"seed": seed} if seed else {}))
+                allow_scored_calib=allow_scored_calib, **({"seed": seed} if seed else {}))
     for name, row in r["compare"]["table"].items():
         typer.echo(f"  {name}: mAP50-95 {row['mAP50-95']:.4f} ({row['delta_mAP50-95']:+.4f}), "
                    f"batch-1 {row['batch1_median_ms']:.1f} ms ({row['speedup_batch1']:.2f}x)")
@@ -543,7 +588,17 @@ def bench_engines(
 
 
 def main() -> None:
-    """Console entry point: typer handles usage errors (exit 2); QbenchError becomes one line and exit 2."""
+    """Console entry point. Usage errors: typer's message, exit 2; QbenchError: one line, exit 2; Ctrl-C and
+    SIGTERM: 'interrupted', exit 130 / 143, after every temporary folder and staged output is removed."""
+    import signal
+
+    from .files import sweep_scratch
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)  # unwinds like Ctrl-C: context managers and finally blocks clean up
+
+    signal.signal(signal.SIGTERM, terminate)
+    sweep_scratch()  # what killed qbench processes (SIGKILL) left in the temp folder
     try:
         app()
     except QbenchError as e:
@@ -552,6 +607,10 @@ def main() -> None:
     except KeyboardInterrupt:
         _say("interrupted")
         sys.exit(130)
+    except SystemExit as e:  # typer turns Ctrl-C into a silent exit 130
+        if e.code in (130, 128 + signal.SIGTERM):
+            _say("interrupted" if e.code == 130 else "terminated")
+        raise
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from .data.dataset import image_files, load_data_yaml, read_image
 from .data.preprocess import letterbox, to_input
 from .evaluate import RESAMPLES, EvalSettings, delta_interval, evaluate
+from .files import scratch
 from .runtime import Detector, default_threads, int8_host, open_model
 
 METRICS = ("precision", "recall", "mAP50", "mAP50-95")
@@ -73,6 +73,12 @@ def compare(fp32: str | Path, int8: str | Path | None, data: str | Path, setting
 
     keep_stats: also return every model's per-image matches under "image_stats" (not JSON; for `delta_interval`
     between two of the models)."""
+    from .analysis.graph import quantize_nodes
+    from .errors import QbenchError
+
+    if Path(fp32).suffix.lower() == ".onnx" and Path(fp32).is_file() and (n := quantize_nodes(fp32)):
+        raise QbenchError(f"'{fp32}' is already quantized ({n} quantization nodes), so it cannot be the FP32 "
+                          "reference; pass the FP32 model first and the INT8 one second.")
     models = {"fp32": Path(fp32), **({"int8": Path(int8)} if int8 is not None else {}),
               **{k: Path(v) for k, v in (extra or {}).items()}}
     threads = settings.threads or default_threads()
@@ -111,7 +117,8 @@ def compare(fp32: str | Path, int8: str | Path | None, data: str | Path, setting
 def compare_profiles(fp32: str | Path, data: str | Path, calib: str | os.PathLike | Sequence,
                      profiles: Sequence[str | os.PathLike], recipe: str | os.PathLike | None = None,
                      fusions: Sequence[str] | None = None, out: str | Path | None = None,
-                     settings: EvalSettings = EvalSettings(), progress: bool = False) -> dict:
+                     settings: EvalSettings = EvalSettings(), progress: bool = False,
+                     allow_scored_calib: bool = False) -> dict:
     """Quantize `fp32` once per profile (x each of `fusions`; None: the profile's own activation_fusion), then
     evaluate FP32 and every variant with `compare`. Rows are named 'int8[PROFILE,FUSION]'.
 
@@ -123,12 +130,16 @@ def compare_profiles(fp32: str | Path, data: str | Path, calib: str | os.PathLik
 
     if not profiles:
         raise QbenchError("no profile to compare; pass at least one, e.g. --profile cpu --profile npu-symmetric.")
+    from .calibration import scored_overlap
+
     variants = profile_variants(recipe, profiles, fusions)  # everything validated before the first quantization
-    with tempfile.TemporaryDirectory(prefix="qbench-profiles-") as tmp:
+    overlap = scored_overlap(calib, data, settings.split, allow_scored_calib)
+    with scratch("profiles") as tmp:
         root = Path(out) if out is not None else Path(tmp)
         models, info = quantize_variants(fp32, calib, variants, root, progress=progress, keep=out is not None)
         c = compare(fp32, None, data, settings, progress=progress, extra=models)
     c["variants"] = info
+    c["calibration_check"] = overlap
     return c
 
 
@@ -164,7 +175,8 @@ def quantize_variants(fp32: str | Path, calib, variants: dict, root: Path, progr
         write_json(report, model.with_name("quantize.json"))
         models[row] = model
         info[row] = {"recipe": rec.name, "folder": folder if keep else None, "settings": rec.to_dict(),
-                     "constraints": report["constraints"], "qlinear_ops": report["qlinear_ops"]}
+                     "constraints": report["constraints"], "qlinear_ops": report["qlinear_ops"],
+                     "sanity": report.get("sanity")}
     return models, info
 
 
@@ -214,4 +226,17 @@ def compare_md(c: dict) -> str:
                          f"{con.get('qdq_pairs_removed', 0)} | {v['qlinear_ops'].get('QLinearConv', 0)} |")
         lines += ["", "Accuracy is the profile's; latency is ONNX Runtime's on this CPU running the simulated QDQ "
                   "graph, not the NPU's."]
+    lines += sanity_lines({**({"int8": c["sanity"]} if c.get("sanity") else {}),
+                           **{k: v.get("sanity") for k, v in c.get("variants", {}).items()}})
     return "\n".join(lines) + "\n"
+
+
+def sanity_lines(sanity: dict) -> list[str]:
+    """Warnings for INT8 models whose output quantize_ort found broken (its 'sanity' check), one line each."""
+    out = []
+    for k, v in sanity.items():
+        if v and v.get("flagged"):
+            out += ["", f"**Warning: {k} is broken, not merely imprecise**: on {v['images']} calibration images its "
+                    f"output is {v['box_sqnr_db']:.1f} dB (boxes) and {v['score_sqnr_db']:.1f} dB (class scores) "
+                    "from FP32's; its accuracy above is a failure of this recipe/profile on this model."]
+    return out

@@ -9,6 +9,7 @@ the numbers agree with `yolo val ... rect=False` on the same settings.
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -18,12 +19,14 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import __version__
-from .data.dataset import image_files, load_data_yaml, read_image, read_labels
+from .data.dataset import image_files, load_data_yaml, read_image, scored_labels
 from .data.preprocess import letterbox, to_input
 from .errors import QbenchError
 from .files import display_path, sha256_file
 from .progress import bar
 from .runtime import Detector, open_model
+
+LOG = logging.getLogger("qbench")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,23 @@ class EvalSettings:
     max_det: int = 300
     threads: int | None = None
     limit: int | None = None  # evaluate only the first N images (smoke tests)
+
+    def __post_init__(self):
+        def whole(name, v, lo, none_ok=False):
+            if v is None and none_ok:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise QbenchError(f"{name} {v!r} must be a whole number of at least {lo}"
+                                  + (" (or left out)" if none_ok else "") + ".")
+
+        whole("--batch", self.batch, 1)
+        whole("--limit", self.limit, 1, none_ok=True)
+        whole("--threads", self.threads, 1, none_ok=True)
+        whole("--imgsz", self.imgsz, 32, none_ok=True)
+        whole("max_det", self.max_det, 1)
+        for name, v in (("--conf", self.conf), ("--iou", self.iou)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise QbenchError(f"{name} {v!r} must be a number between 0 and 1.")
 
 
 def nms(raw: np.ndarray, conf: float, iou: float, max_det: int, max_nms: int = 30000, max_wh: int = 7680) -> list:
@@ -89,6 +109,12 @@ def evaluate(model: str | Path | Detector, data: str | Path, settings: EvalSetti
     if len(det.names) != spec.nc:
         raise QbenchError(f"Model '{det.path}' predicts {len(det.names)} classes but '{spec.yaml_path}' has {spec.nc}; "
                           "evaluate it on the data it was trained for.")
+    renamed = _renamed(det, spec)
+    if renamed:
+        i, a, b = renamed[0]
+        LOG.warning(f"'{det.path}' calls class {i} '{a}' but '{spec.yaml_path}' calls it '{b}'"
+                    + (f" ({len(renamed)} classes differ)" if len(renamed) > 1 else "")
+                    + ": scores are per class id, so check that the model was trained on this data's classes.")
     imgsz = settings.imgsz or det.imgsz
     if det.kind == "onnx" and imgsz != det.imgsz:
         raise QbenchError(f"'{det.path}' was exported for imgsz {det.imgsz}, not {imgsz}; "
@@ -96,7 +122,7 @@ def evaluate(model: str | Path | Detector, data: str | Path, settings: EvalSetti
     files = image_files(spec, settings.split)
     if settings.limit:
         files = files[: settings.limit]
-    labels = [read_labels(f, spec.nc) for f in files]  # all labels checked before any compute: bad data fails fast
+    labels = scored_labels(spec, settings.split, files)  # all checked before any compute: bad data fails fast
     batch = settings.batch if det.dynamic_batch else 1
 
     names = {i: n for i, n in enumerate(spec.names)}
@@ -177,7 +203,13 @@ def delta_interval(base: list, other: list, resamples: int = RESAMPLES, level: f
     return [round(float(lo), 5), round(float(hi), 5)]
 
 
+def _renamed(det, spec) -> list[tuple[int, str, str]]:
+    """(class id, model's name, data's name) of every class the model and the data.yaml name differently."""
+    return [(i, str(a), str(b)) for i, (a, b) in enumerate(zip(det.names, spec.names)) if str(a) != str(b)]
+
+
 def _result(det, spec, files, settings, imgsz, batch, metrics, wall, t_pre, t_inf, t_post) -> dict:
+    renamed = _renamed(det, spec)
     p, r, map50, map5095 = (float(x) for x in metrics.mean_results())
     per_class = []
     ap_index = list(metrics.ap_class_index)
@@ -194,7 +226,9 @@ def _result(det, spec, files, settings, imgsz, batch, metrics, wall, t_pre, t_in
     return {
         "model": {"path": display_path(det.path), "format": det.kind, "sha256": sha256_file(det.path)},
         "data": {"yaml": display_path(spec.yaml_path), "split": settings.split, "images": n,
-                 "instances": int(metrics.nt_per_class.sum())},
+                 "instances": int(metrics.nt_per_class.sum()),
+                 **({"class_names_differ": [{"id": i, "model": a, "data": b} for i, a, b in renamed]}
+                    if renamed else {})},
         "metrics": {"precision": p, "recall": r, "mAP50": map50, "mAP50-95": map5095},
         "per_class": per_class,
         "settings": {**asdict(settings), "imgsz": imgsz, "batch": batch, "threads": det.threads},

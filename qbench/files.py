@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 
@@ -72,6 +73,105 @@ def stage_onnx(model, out: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The `qbench ...` command line of this process (or of `argv`), shell-quoted so it can be pasted back."""
+    import shlex
+    import sys
+
+    argv = sys.argv if argv is None else argv
+    return shlex.join(["qbench", *argv[1:]])
+
+
+def check_writable(folder: str | os.PathLike, what: str = "output") -> Path:
+    """Fail before any work when files cannot be written into `folder` (created if missing): a probe file is
+    written and removed there. Returns the folder."""
+    import tempfile
+
+    from .errors import QbenchError
+
+    folder = Path(folder)
+    existing = next((q for q in [folder, *folder.parents] if q.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise QbenchError(f"{what} cannot be written into '{folder}': '{existing}' is a file, not a folder; pass "
+                          "another path.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".qbench-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise QbenchError(f"{what} cannot be written into '{folder}' ({e.strerror or e}); pass a path in a folder "
+                          "you can write to.") from e
+    return folder
+
+
+SCRATCH = re.compile(r"^qbench-[a-z0-9]+-(\d+)-")
+
+
+def scratch(kind: str):
+    """A temporary folder for one step (`qbench-KIND-PID-...` in the system temp dir), removed when the step ends;
+    the PID lets `sweep_scratch` remove what a killed process (SIGKILL, power loss) left behind."""
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix=f"qbench-{kind}-{os.getpid()}-")
+
+
+def sweep_scratch() -> int:
+    """Remove the scratch folders of qbench processes that no longer run; returns how many."""
+    import shutil
+    import tempfile
+
+    removed = 0
+    root = Path(tempfile.gettempdir())
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return 0
+    for d in entries:
+        m = SCRATCH.match(d.name)
+        if not m or not d.is_dir():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # still running (or not ours to signal)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, ValueError):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+class exclusive:
+    """Context manager: hold an exclusive lock on `folder` (a `.qbench.lock` file in it) for the work done inside;
+    another qbench process asking for the same folder is refused at once instead of mixing its files in."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "run"):
+        self.path, self.what, self.fd = Path(folder) / ".qbench.lock", what, None
+
+    def __enter__(self):
+        import fcntl
+
+        from .errors import QbenchError
+
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise QbenchError(f"another qbench process is working in '{self.path.parent}' ({self.what}); wait for "
+                              "it to finish or choose another --out.") from None
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        return False
 
 
 def read_yaml(path: Path, what: str = ""):

@@ -15,9 +15,10 @@ complete.
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
-import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from .data.dataset import load_data_yaml
 from .data.default import DEFAULT_CALIB, default_data, default_weights
 from .errors import QbenchError
 from .evaluate import EvalSettings
-from .files import display_path, write_json
+from .files import check_writable, command_line, display_path, write_json
 
 
 def next_run_dir(root: Path = Path("runs") / "qbench", name: str = "run") -> Path:
@@ -42,18 +43,22 @@ def next_run_dir(root: Path = Path("runs") / "qbench", name: str = "run") -> Pat
 def run(weights: Path | None = None, data: Path | None = None, out: Path | None = None, imgsz: int | None = None,
         batch: int = 16, threads: int | None = None, recipe: str | Path | None = None, calib: Path | None = None,
         baseline: bool = False, profile: str | Path | None = None, fusion: str | None = None,
-        profiles: list[str] | None = None, fusions: list[str] | None = None, progress: bool = False) -> Path:
+        profiles: list[str] | None = None, fusions: list[str] | None = None, progress: bool = False,
+        allow_scored_calib: bool = False) -> Path:
     """`qbench run`. `recipe` (+ `profile`, `fusion`) makes int8.onnx; each of `profiles` (x `fusions`) adds a
-    variant under profiles/PROFILE-FUSION/, scored in the same table."""
-    from .calibration import build_manifest, save_manifest
+    variant under profiles/PROFILE-FUSION/, scored in the same table. A `calib` manifest that holds images of the
+    scored (val) split is refused unless `allow_scored_calib`."""
+    from .calibration import build_manifest, save_manifest, scored_overlap
     from .compare import compare
-    from .data.dataset import image_files
+    from .data.dataset import image_files, scored_labels
     from .models.export import export_onnx
     from .models.load import load_checkpoint, model_facts
     from .quantize import apply_profile, quantize_ort
+    from .quantize.recipe import recipe_label
 
     from .compare import profile_variants, quantize_variants
 
+    settings = EvalSettings(batch=batch, threads=threads)  # bad --batch/--threads: refused before any work
     rec = apply_profile(recipe, profile, fusion)  # the recipe itself without profile and fusion; checked first
     variants = profile_variants(recipe, profiles, fusions) if profiles else {}
     weights = Path(weights) if weights else default_weights()
@@ -66,12 +71,15 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
     if facts["nc"] != spec.nc:
         raise QbenchError(f"Model '{weights}' predicts {facts['nc']} classes but '{spec.yaml_path}' has {spec.nc}; "
                           "pass the data.yaml the model was trained on.")
+    scored_labels(spec, "val", image_files(spec, "val"))  # labels checked before any work: bad data fails fast
+    overlap = scored_overlap(calib, data, "val", allow_scored_calib) if calib is not None else None
+    auto = out is None
     out = Path(out) if out else next_run_dir()
     if out.exists():
         raise QbenchError(f"Run folder '{out}' already exists; choose another --out or delete it.")
-    stage = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    check_writable(out.parent, "the run folder")
+    # this run's own staging folder: two runs with the same --out never share (or delete) each other's files
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     timings = {}
 
     def timed(name, fn, *args, **kwargs):
@@ -100,32 +108,67 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
             extra["ultralytics-int8"] = timed("ultralytics_int8_export_s", ultralytics_int8, weights, data,
                                               stage / "ultralytics-int8.onnx", facts["imgsz"])
         cmp = timed("evaluate_and_compare_s", compare, onnx_path, stage / "int8.onnx", data,
-                    EvalSettings(batch=batch, threads=threads), progress=progress, extra=extra)
+                    settings, progress=progress, extra=extra)
         if variant_info:
             cmp["variants"] = variant_info
+        cmp["sanity"] = qreport.get("sanity")
         evaluations = cmp.pop("evaluations")
         for k, r in evaluations.items():  # relative to the run folder, which gets renamed
             r["model"]["path"] = (f"profiles/{variants[k][0]}/int8.onnx" if k in variants else f"{k}.onnx")
         write_json(evaluations, stage / "metrics.json")
         write_json(cmp, stage / "compare.json")
-        info = {"qbench_version": __version__, "command": " ".join(["qbench", *sys.argv[1:]]),
+        info = {"qbench_version": __version__, "command": command_line(),
                 "weights": display_path(weights), "data": display_path(spec.yaml_path),
-                "recipe": display_path(rec.name) if Path(rec.name).exists() else rec.name,
-                "calibration": calib_shown, "timings": timings, "python": platform.python_version()}
+                "recipe": recipe_label(rec),
+                "calibration": calib_shown, "calibration_check": overlap or {"split": "train", "in_scored_split": 0},
+                "timings": timings, "python": platform.python_version()}
         write_json(info, stage / "run.json")
         (stage / "summary.md").write_text(summary_md(facts, evaluations["fp32"], cmp, qreport, info))
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage.rename(out)
-    return out
+    return _publish(stage, out, auto)
+
+
+def _relocate(out: Path, stage: Path) -> None:
+    """The reports a run wrote name files in its staging folder (quantize.json's model and recipe paths, recipe.yaml's
+    source model): point them at the published folder instead of one that no longer exists."""
+    names = {str(stage): str(out), str(stage.resolve()): str(out.resolve())}
+    rel = os.path.relpath(stage)
+    if not rel.startswith(".."):
+        names[rel] = os.path.relpath(out)
+    for f in [*out.rglob("*.json"), *out.rglob("*.yaml"), *out.rglob("*.md")]:
+        text = f.read_text(encoding="utf-8")
+        new = text
+        for a, b in names.items():
+            new = new.replace(a, b)
+        if new != text:
+            f.write_text(new, encoding="utf-8")
+
+
+def _publish(stage: Path, out: Path, auto: bool) -> Path:
+    """Rename the finished staging folder to `out`. If another run took `out` meanwhile: an automatic name moves
+    on to the next free one; an explicit --out is refused and this run's files removed (never mixed)."""
+    for _ in range(100):
+        try:
+            os.rename(stage, out)  # atomic; fails when `out` exists and is not empty
+            _relocate(out, stage)
+            return out
+        except OSError:
+            if not auto:
+                shutil.rmtree(stage, ignore_errors=True)
+                raise QbenchError(f"Run folder '{out}' was written by another run while this one ran; this run's "
+                                  "results were discarded. Use a separate --out for each run.") from None
+            out = next_run_dir(out.parent, "run")
+    raise QbenchError(f"could not find a free run folder name in '{out.parent}'; pass --out.")
 
 
 def summary_md(facts: dict, fp32: dict, cmp: dict, qreport: dict, info: dict) -> str:
     from .compare import compare_md
 
     d = fp32["data"]
+    check = info.get("calibration_check") or {}
+    calib_split = check.get("split") or "train"
     acts = ", ".join(f"{k} x{v}" for k, v in sorted(facts.get("activations", {}).items()) if isinstance(v, int))
     lines = [
         "# qbench run",
@@ -136,7 +179,9 @@ def summary_md(facts: dict, fp32: dict, cmp: dict, qreport: dict, info: dict) ->
         f"imgsz {facts['imgsz']}, {facts['nc']} classes)",
         f"- data: `{info['data']}`, split `{d['split']}`: {d['images']} images, {d['instances']} instances",
         f"- INT8: ONNX Runtime static QDQ, recipe `{info['recipe']}` (see recipe.yaml), calibrated on "
-        f"{qreport.get('calibration', {}).get('images', '?')} train images (calibration.json)",
+        f"{qreport.get('calibration', {}).get('images', '?')} {calib_split} images (`{info['calibration']}`)"
+        + (f"; **{check['in_scored_split']} of the calibration images are in the scored split** "
+           "(--allow-scored-calib): INT8 accuracy here is flattered" if check.get("in_scored_split") else ""),
         "",
         compare_md(cmp),
     ]

@@ -17,6 +17,7 @@ import json
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,15 +52,21 @@ def train(model: str, data: str, out_dir: str | Path, *, epochs: int = 100, imgs
     out_dir = Path(out_dir).resolve()
     if (out_dir / "weights" / "best.pt").exists() and not overrides.get("exist_ok"):
         raise QbenchError(f"'{out_dir}' already holds a trained model; choose another --out or delete it.")
-    work = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(work, ignore_errors=True)
+    from .files import check_writable, command_line
+
+    check_writable(out_dir.parent, "the training run")
+    work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))  # this run's own
     args = dict(data=str(Path(data).resolve()), epochs=epochs, imgsz=imgsz, batch=batch, device=device, seed=seed,
                 deterministic=True, workers=workers, amp=device != "cpu", plots=True, project=str(work.parent),
                 name=work.name, exist_ok=True, verbose=True)
     args.update(overrides)
     t0 = time.time()
-    yolo = YOLO(resolve_model(model))
-    yolo.train(**args)
+    try:
+        yolo = YOLO(resolve_model(model))
+        yolo.train(**args)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # no half-trained folder left behind
+        raise
     wall = time.time() - t0
     metrics, n_epochs = {}, 0
     results_csv = work / "results.csv"
@@ -74,7 +81,7 @@ def train(model: str, data: str, out_dir: str | Path, *, epochs: int = 100, imgs
     import ultralytics
 
     summary = {
-        "command": " ".join(["qbench", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("qbench", "__main__.py") else None,
+        "command": command_line() if Path(sys.argv[0]).name in ("qbench", "__main__.py") else None,
         "model": model, "data": str(data), "epochs": epochs, "imgsz": imgsz, "batch": batch, "device": device,
         "seed": seed, "overrides": overrides, "epochs_run": n_epochs, "wall_time_s": round(wall, 1),
         "best_epoch_metrics": metrics,

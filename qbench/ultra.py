@@ -51,6 +51,14 @@ if any(SETTINGS[k] for k in _OFF):
 
 __all__ = ["YOLO", "ultralytics", "config_dir"]
 
+# Every checkpoint ultralytics reads in a qbench process runs no code from the file (qbench.models.safeload).
+import ultralytics.nn.tasks as _tasks  # noqa: E402
+import ultralytics.utils.patches as _patches  # noqa: E402
+
+from .models import safeload as _safeload  # noqa: E402
+
+_tasks.torch_load = _patches.torch_load = _safeload.torch_load
+
 # ultralytics pins torch to (cores - 1) threads on CPU (select_device), which is
 # a single thread on a 2-core machine: give torch every core instead.
 from ultralytics.utils import torch_utils as _torch_utils  # noqa: E402

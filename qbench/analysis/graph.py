@@ -12,12 +12,12 @@ Q/DQ, "unfused") or not ("fused").
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..files import scratch
 from .stats import INT_RANGES, QParams
 
 GRAPH_OUTPUT_SUFFIX = "_QuantizeLinear_Input"  # ORT's name for the float tensor of a quantized graph output
@@ -151,6 +151,38 @@ def leaky_relus(fp32_model, acts: dict[str, ActQuant]) -> list[LeakyLayer]:
     return out
 
 
+def quantize_nodes(path) -> int:
+    """How many QuantizeLinear/DequantizeLinear/QLinear*/ConvInteger nodes an ONNX file holds (0: a float model);
+    reads the graph only, not external weight data."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    return sum(n.op_type in ("QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger")
+               or n.op_type.startswith("QLinear") for n in g.node)
+
+
+ACTIVATION_OPS = ("LeakyRelu", "Relu", "PRelu", "HardSwish", "Clip", "Sigmoid", "Softmax")
+
+
+def activation_census(model) -> dict[str, int]:
+    """{activation: count} of a float graph: SiLU (a Sigmoid whose output a Mul multiplies by the Sigmoid's own
+    input) counted as such, the others by op type."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    silu = 0
+    for n in model.graph.node:
+        if n.op_type == "Mul" and any(producers.get(b) is not None and producers[b].op_type == "Sigmoid"
+                                      and producers[b].input[0] == a for a, b in (n.input, n.input[::-1])):
+            silu += 1
+    counts = {op: sum(n.op_type == op for n in model.graph.node) for op in ACTIVATION_OPS}
+    counts["Sigmoid"] -= silu
+    return {k: v for k, v in {"SiLU": silu, **counts}.items() if v > 0}
+
+
+def census_text(census: dict[str, int]) -> str:
+    """'SiLU x57, Softmax x1' (or 'no activations')."""
+    return ", ".join(f"{k} x{v}" for k, v in census.items()) or "no activations"
+
+
 def tensor_order(model) -> dict[str, int]:
     """Tensor name -> position of its producer in the (topologically sorted) graph; graph inputs first."""
     order = {i.name: -1 for i in model.graph.input}
@@ -185,7 +217,7 @@ class TensorTap:
             if t not in existing:
                 m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
         self.input_name = next(i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer})
-        with tempfile.TemporaryDirectory(prefix="qbench-tap-") as td:
+        with scratch("tap") as td:
             path = Path(td) / "tap.onnx"
             onnx.save(m, str(path))
             self.session = ort_session(path, threads, optimize=optimize)

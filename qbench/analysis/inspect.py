@@ -1,4 +1,4 @@
-"""`qbench inspect`: per-tensor activation statistics, per-layer quantization error, LeakyReLU diagnostics.
+"""`qbench inspect`: per-tensor activation statistics, per-layer quantization error, activation diagnostics.
 
 Two streamed passes, both bounded in memory (nothing is kept per image):
 
@@ -13,10 +13,13 @@ Two streamed passes, both bounded in memory (nothing is kept per image):
    - *cumulative*: the INT8 model's dequantized tensor, every earlier layer
      quantized too (the QDQ graph run as written, i.e. simulated int8);
    and per LeakyReLU layer the output SQNR as deployed and under each remedy
-   (`LeakyError`). Weights get their SQNR from the initializers.
+   (`LeakyError`), per SiLU layer as deployed (Conv output, Sigmoid and product
+   each requantized, in ORT's layout) and fused (`SiluError`). Weights get their
+   SQNR from the initializers.
 
 Writes into `out`: `layers.csv` (one row per tensor, stable columns),
-`leaky.csv` (one row per LeakyReLU, ranked by harm), `weights.csv`,
+`leaky.csv` / `silu.csv` (one row per LeakyReLU / SiLU, ranked by harm; only
+for the activations the model has), `weights.csv`,
 `histograms.npz` (every tensor's histogram) and `inspect.json` (all of the
 tables and a summary), the JSON last.
 
@@ -45,8 +48,9 @@ from ..calibration import CalibrationReader
 from ..errors import QbenchError
 from ..files import write_json
 from ..progress import bar
-from .graph import TensorTap, activation_quantizers, leaky_relus, tensor_order, weight_quantizers
+from .graph import TensorTap, activation_census, activation_quantizers, leaky_relus, tensor_order, weight_quantizers
 from .leaky import LeakyError, code_budget
+from .silu import SiluError, silus
 from .stats import DEFAULT_BINS, PERCENTILES, ErrorStats, QParams, TensorStats, fake_quant
 
 LAYER_COLUMNS = (
@@ -60,6 +64,9 @@ LEAKY_COLUMNS = ("rank", "layer", "node", "alpha", "unfused", "out_min", "out_ma
                  "sym_bits_lost", "sqnr_actual_db", "sqnr_ideal_db", "harm_db", "remedy", "remedy_gain_db")
 CHANNEL_SPREAD_FLAG = 8.0  # largest / median channel range at which a few channels set a tensor's range
 TAIL_FLAG = 4.0  # max |value| / 99.9th percentile of |value| at which rare values set it
+SILU_COLUMNS = ("rank", "layer", "node", "unfused", "sigmoid_quantized", "out_min", "out_max", "neg_to_pos_ratio",
+                "scheme", "neg_codes", "pos_codes", "neg_codes_used", "pos_codes_used", "sqnr_actual_db",
+                "sqnr_fused_db", "sqnr_ideal_db", "harm_db", "fused_gain_db", "remedy")
 WEIGHT_COLUMNS = ("depth", "node", "layer", "op_type", "channels", "per_channel", "sqnr_db", "cosine")
 
 
@@ -69,6 +76,11 @@ def layer_name(tensor: str) -> str:
     if len(parts) >= 2 and re.search(r"_output_\d+$", parts[-1]):
         return ".".join(parts[:-1])
     return tensor
+
+
+def is_attention(row: dict) -> bool:
+    """A layers.csv row of an attention block's tensors (ultralytics' C2PSA/PSA `attn` modules, MatMul, Softmax)."""
+    return row.get("producer") in ("MatMul", "Softmax") or ".attn" in f".{row.get('layer', '')}"
 
 
 def range_diagnosis(row: dict) -> tuple[float, str]:
@@ -179,13 +191,14 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
             raise QbenchError(f"'{path}' was not quantized from '{fp32}': it quantizes tensors the FP32 model does "
                               f"not have (e.g. {missing[0]}); pass the FP32 model it was made from.")
         variants[name] = {"path": path, "out": folder, "qmodel": qmodel, "acts": acts,
-                          "leaks": leaky_relus(fmodel, acts)}
+                          "leaks": leaky_relus(fmodel, acts), "silus": silus(fmodel, acts)}
     if not calib_images:
         raise QbenchError("no calibration images to collect statistics on; pass a manifest from `qbench calib`.")
     order = tensor_order(fmodel)
     watched = set()
     for v in variants.values():
-        watched |= set(v["acts"]) | {lk.pre for lk in v["leaks"]} | {lk.post for lk in v["leaks"]}
+        watched |= set(v["acts"]) | {lk.pre for lk in v["leaks"]} | {lk.post for lk in v["leaks"]} \
+            | {sl.pre for sl in v["silus"]} | {sl.post for sl in v["silus"]}
     watched = sorted(watched, key=lambda t: (order[t], t))  # ties (a Split's outputs): by name, so runs diff cleanly
     t_start = time.perf_counter()
 
@@ -205,7 +218,8 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
     for v in variants.values():
         acts = v["acts"]
         v["isolated"] = {t: ErrorStats() for t in acts}
-        v["watched"] = [t for t in watched if t in acts or any(t in (lk.pre, lk.post) for lk in v["leaks"])]
+        own = {t for lk in v["leaks"] for t in (lk.pre, lk.post)} | {t for sl in v["silus"] for t in (sl.pre, sl.post)}
+        v["watched"] = [t for t in watched if t in acts or t in own]
         v["cumulative"] = {t: ErrorStats() for t in v["watched"]}
         v["output"] = ErrorStats()
         v["leaky_err"] = {}
@@ -216,6 +230,11 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
             v["leaky_err"][lk.node] = lk.pre, LeakyError(
                 lk.alpha, acts[lk.post].qparams, acts[lk.pre].qparams if lk.unfused else None, s_post.min,
                 s_post.max, s_pre.min, s_pre.max, s_post.percentile(0.01), s_post.percentile(99.99))
+        v["silu_err"] = {sl.node: (sl.pre, SiluError(acts[sl.post].qparams,
+                                                     acts[sl.pre].qparams if sl.pre_quantized else None,
+                                                     acts[sl.sig].qparams if sl.sig_quantized else None,
+                                                     stats[sl.post].min, stats[sl.post].max))
+                         for sl in v["silus"] if sl.post in acts}
         v["qnames"] = {t: (acts[t].dequantized if t in acts else t) for t in v["watched"]}
         v["qtap"] = TensorTap(v["qmodel"], [*v["qnames"].values(), out_name], threads, optimize=False)
     ftap = TensorTap(fmodel, watched + [out_name], threads)
@@ -234,7 +253,7 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
                         v["isolated"][t].update(ref, fake_quant(ref, acts[t].qparams))
                     v["cumulative"][t].update(ref, qv[v["qnames"][t]])
                 v["output"].update(fv[out_name], qv[out_name])
-                for pre, err in v["leaky_err"].values():
+                for pre, err in (*v["leaky_err"].values(), *v["silu_err"].values()):
                     err.update(fv[pre])
             advance(1)
     t_err = time.perf_counter() - t1
@@ -298,6 +317,25 @@ def _write_variant(name, v, fmodel, fp32, stats, order, imgsz, calib_images, err
     leaky_rows.sort(key=lambda r: (-r["harm_db"], r["sqnr_actual_db"]))
     for k, r in enumerate(leaky_rows, 1):
         r["rank"] = k
+    silu_rows = []
+    for sl in v["silus"]:
+        if sl.node not in v["silu_err"]:
+            continue
+        s = stats[sl.post]
+        res = v["silu_err"][sl.node][1].result()
+        actual = code_budget(s.min, s.max, acts[sl.post].qparams)
+        silu_rows.append({
+            "layer": layer_name(sl.post), "node": sl.node, "unfused": sl.pre_quantized,
+            "sigmoid_quantized": sl.sig_quantized, "out_min": s.min, "out_max": s.max,
+            "neg_to_pos_ratio": s.summary()["neg_to_pos_ratio"],
+            **{k: actual[k] for k in ("scheme", "neg_codes", "pos_codes", "neg_codes_used", "pos_codes_used")},
+            "sqnr_actual_db": res["sqnr_db"]["actual"], "sqnr_fused_db": res["sqnr_db"]["fused"],
+            "sqnr_ideal_db": res["sqnr_db"]["ideal"], "harm_db": res["harm_db"], "fused_gain_db": res["fused_gain_db"],
+            "remedy": res["remedy"] or "none", "remedy_text": res["remedy_text"],
+        })
+    silu_rows.sort(key=lambda r: (-r["harm_db"], r["sqnr_actual_db"]))
+    for k, r in enumerate(silu_rows, 1):
+        r["rank"] = k
 
     from onnx import numpy_helper
 
@@ -318,7 +356,11 @@ def _write_variant(name, v, fmodel, fp32, stats, order, imgsz, calib_images, err
 
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(rows, LAYER_COLUMNS, out / "layers.csv")
-    _write_csv(leaky_rows, LEAKY_COLUMNS, out / "leaky.csv")
+    for table, columns, fname in ((leaky_rows, LEAKY_COLUMNS, "leaky.csv"), (silu_rows, SILU_COLUMNS, "silu.csv")):
+        if table:  # only the activations the model has (a stale file of an earlier inspection goes)
+            _write_csv(table, columns, out / fname)
+        else:
+            (out / fname).unlink(missing_ok=True)
     _write_csv(weight_rows, WEIGHT_COLUMNS, out / "weights.csv")
     quantized_rows = [r for r in rows if r["role"] == "quantized"]
     worst = sorted(quantized_rows, key=lambda r: r["sqnr_isolated_db"])[:10]
@@ -329,8 +371,10 @@ def _write_variant(name, v, fmodel, fp32, stats, order, imgsz, calib_images, err
         "bins": bins,
         "seconds": seconds,
         "summary": {
-            "tensors": len(rows), "quantized_tensors": len(quantized_rows), "leaky_relus": len(leaky_rows),
-            "unfused_leaky_relus": sum(r["unfused"] for r in leaky_rows),
+            "tensors": len(rows), "quantized_tensors": len(quantized_rows), "activations": activation_census(fmodel),
+            "leaky_relus": len(leaky_rows), "unfused_leaky_relus": sum(r["unfused"] for r in leaky_rows),
+            "silus": len(silu_rows), "unfused_silus": sum(r["unfused"] or r["sigmoid_quantized"] for r in silu_rows),
+            "attention_tensors": sum(is_attention(r) for r in quantized_rows),
             "output_sqnr_db": v["output"].sqnr_db, "output_cosine": v["output"].cosine,
             "median_isolated_sqnr_db": float(np.median([r["sqnr_isolated_db"] for r in quantized_rows])),
             "min_cumulative_sqnr_db": min(r["sqnr_cumulative_db"] for r in quantized_rows),
@@ -340,6 +384,7 @@ def _write_variant(name, v, fmodel, fp32, stats, order, imgsz, calib_images, err
         },
         "layers": rows,
         "leaky": leaky_rows,
+        "silu": silu_rows,
         "weights": weight_rows,
         "histograms": "histograms.npz",
     }

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import QbenchError
-from ..files import display_path, write_json
+from ..files import display_path, scratch, write_json
 from ..progress import bar
 from ..quantize.fallback import Layer, conv_layers, keep_float, quantize_only
 
@@ -164,7 +163,7 @@ def layer_sensitivity(fp32: str | os.PathLike, int8: str | os.PathLike, images: 
         t1 = time.perf_counter()
         top = rows[:top_k]
         by_name = {layer.name: layer for layer in layers}
-        with tempfile.TemporaryDirectory(prefix="qbench-sens-") as td, \
+        with scratch("sens") as td, \
                 bar(2 * len(top) + 2, "Sensitivity (mAP)", progress) as advance:
             tmp = Path(td) / "model.onnx"
             fp32_map = _map(fmodel, tmp, data, settings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -41,7 +41,8 @@ class DataSpec:
     yaml_path: Path
     root: Path
     names: list[str]
-    splits: dict[str, Path]
+    splits: dict[str, Path]  # resolved, as ultralytics resolves them (labels are looked up beside the resolved path)
+    declared: dict[str, Path] = field(default_factory=dict)  # as written in data.yaml, joined to the root
 
     @property
     def nc(self) -> int:
@@ -82,7 +83,7 @@ def load_data_yaml(path, require=("val",)) -> DataSpec:
             hint = SPLIT_HINTS.get(key, f"the folder of {key} images")
             what = "an empty" if key in data else "no"
             raise QbenchError(f"{yaml_path} has {what} '{key}' key; add '{key}: images/{key}' ({hint}).")
-    splits = {}
+    splits, declared = {}, {}
     for key in dict.fromkeys((*SPLITS, *require)):
         value = data.get(key)
         if not value:
@@ -92,14 +93,15 @@ def load_data_yaml(path, require=("val",)) -> DataSpec:
                 f"{yaml_path} '{key}' must be one folder or .txt list of images, not a {type(value).__name__}; "
                 f"write e.g. '{key}: images/{key}'."
             )
-        splits[key] = (root / Path(value).expanduser()).resolve()
+        declared[key] = root / Path(value).expanduser()
+        splits[key] = declared[key].resolve()
     for key in require:
         if not splits[key].exists():
             raise QbenchError(
                 f"{yaml_path} '{key}: {data[key]}' points to {splits[key]}, which does not exist; "
                 f"fix the path (relative to {root})."
             )
-    return DataSpec(yaml_path=yaml_path, root=root, names=names, splits=splits)
+    return DataSpec(yaml_path=yaml_path, root=root, names=names, splits=splits, declared=declared)
 
 
 def _same_number(value, n: int) -> bool:
@@ -261,6 +263,25 @@ def read_image(path: Path) -> np.ndarray:
     if im is None:
         raise QbenchError(f"image {path} cannot be decoded (corrupt or unsupported format); replace or remove it.")
     return im
+
+
+def scored_labels(spec: DataSpec, split: str, files: list[Path]) -> list[np.ndarray]:
+    """The labels of the images a split is scored on; a split with no labelled object at all cannot be scored
+    (every mAP would read 0), so it is refused, saying where the labels were looked for."""
+    labels = [read_labels(f, spec.nc) for f in files]
+    if any(len(lb) for lb in labels):
+        return labels
+    found = [label_path(f) for f in files if label_path(f).is_file()]
+    src = spec.declared.get(split)
+    if found:
+        raise QbenchError(f"all {len(found)} label files of {spec.yaml_path} split '{split}' are empty (e.g. "
+                          f"{found[0]}): there is no object to score; label the images or score another split.")
+    link = next((p for p in [src, *(src.parents if src else [])] if p is not None and p.is_symlink()), None)
+    hint = (f" {link} is a symbolic link to {link.resolve()}: as ultralytics does, labels are looked up beside "
+            f"the folder it points to, not beside the link; put (or link) the labels/ folder there." if link else "")
+    raise QbenchError(f"none of the {len(files)} images of {spec.yaml_path} split '{split}' has a label file (the "
+                      f"first would be {label_path(files[0])}: YOLO labels live in labels/ beside images/, one .txt "
+                      f"per image), so nothing can be scored.{hint}")
 
 
 def check_split(spec: DataSpec, split: str, progress: Callable[[int], object] | None = None) -> dict:

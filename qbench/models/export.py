@@ -38,7 +38,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import QbenchError
-from ..files import sha256_file
+from ..files import check_writable, scratch, sha256_file
 from .load import checkpoint_imgsz, load_checkpoint
 
 LOG = logging.getLogger("qbench")
@@ -154,6 +154,7 @@ def export_onnx(weights: str | os.PathLike, out_path: str | os.PathLike, imgsz: 
     if out.parent.exists() and not out.parent.is_dir():
         raise QbenchError(f"Output folder '{out.parent}' is a file; pass an output path inside a folder.")
 
+    check_writable(out.parent, "the exported model")
     yolo = load_checkpoint(weights)  # QbenchError for anything that is not a YOLO detection checkpoint
     model = yolo.model
     strides = [int(s) for s in model.stride.tolist()]
@@ -172,7 +173,7 @@ def export_onnx(weights: str | os.PathLike, out_path: str | os.PathLike, imgsz: 
     from ..ultra import YOLO
 
     # ultralytics writes <weights stem>.onnx next to the weights it loaded: give it a private copy.
-    with tempfile.TemporaryDirectory(prefix="qbench-export-") as td:
+    with scratch("export") as td:
         src = Path(td) / weights.name
         shutil.copyfile(weights, src)
         source_sha = sha256_file(src)  # of exactly the bytes exported

@@ -72,11 +72,11 @@ def _check_archive(p: Path) -> None:
 
 def _read_checkpoint(p: Path) -> Any:
     from .. import ultra  # noqa: F401  (offline ultralytics before any ultralytics import)
-    from ultralytics.utils.patches import torch_load
+    from .safeload import load
 
     try:
-        # weights_only=False (what ultralytics does): a checkpoint pickles the whole model object.
-        return torch_load(p, map_location="cpu")
+        # only the classes a YOLO checkpoint holds are unpickled (safeload); anything else is refused unread
+        return load(p)
     except (pickle.UnpicklingError, EOFError) as e:
         raise QbenchError(f"'{p}' is a corrupted PyTorch checkpoint ({type(e).__name__}: {e}); "
                           f"re-copy or re-train it.") from e

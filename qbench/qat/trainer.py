@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..errors import QbenchError
+from ..models import safeload
 from ..files import atomic_write_text, read_json
 from .fakequant import IN_RANGE_PARAM, RANGE_PARAM, is_prepared
 
@@ -200,8 +201,6 @@ def train_stage(model, weights: Path, data, out: Path, epochs: int, imgsz: int, 
     resume_settings: what an interrupted run in `out` must have been started with (recipe, weights digest, data,
     ...); any difference is refused, naming it, so a resumed run never mixes two configurations.
     """
-    import torch
-
     tdir = out / "train"
     last = tdir / "weights" / "last.pt"
     done = tdir / DONE
@@ -214,7 +213,7 @@ def train_stage(model, weights: Path, data, out: Path, epochs: int, imgsz: int, 
                 **resume_settings}
     resume_from = None
     if last.exists():
-        ck = torch.load(last, map_location="cpu", weights_only=False)
+        ck = safeload.load(last)
         ck_epochs = int((ck.get("train_args") or {}).get("epochs", -1))
         resume_from = int(ck.get("epoch", -1)) + 1
         del ck

@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import QbenchError
+from ..files import scratch
 
 
 def ultralytics_int8(weights: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
@@ -29,7 +29,7 @@ def ultralytics_int8(weights: str | os.PathLike, data: str | os.PathLike, out: s
     imgsz = imgsz or checkpoint_imgsz(load_checkpoint(weights))
     logger = logging.getLogger("ultralytics")
     level = logger.level
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("baseline") as tmp:
         copy = Path(tmp) / "model.pt"
         shutil.copyfile(weights, copy)
         logger.setLevel(logging.WARNING)

@@ -46,7 +46,6 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -56,7 +55,7 @@ import numpy as np
 from .. import __version__
 from ..analysis.stats import sqnr_db
 from ..errors import QbenchError
-from ..files import display_path, stage_onnx
+from ..files import display_path, scratch, stage_onnx
 from ..runtime import ort_session
 
 LOG = logging.getLogger("qbench")
@@ -360,7 +359,7 @@ def optimized_op_counts(path: Path, threads: int | None = None) -> Counter:
     import onnx
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory(prefix="qbench-inc-opt-") as td:
+    with scratch("incopt") as td:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.optimized_model_filepath = str(Path(td) / "optimized.onnx")
@@ -498,7 +497,7 @@ def quantize_inc(weights: str | Path, fp32_onnx: str | Path, out_onnx: str | Pat
     import onnx
 
     t_export = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qbench-inc-") as td:
+    with scratch("inc") as td:
         raw = Path(td) / "inc.onnx"
         n_qdq = _to_fake_quant(best)
         try:

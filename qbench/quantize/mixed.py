@@ -21,12 +21,11 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from ..errors import QbenchError
-from ..files import display_path, write_json
+from ..files import display_path, scratch, write_json
 from ..progress import bar
 
 DEFAULT_MAX_FLOAT_FRACTION = 0.10  # at most this share of the quantized convs go back to FP32 by default
@@ -47,7 +46,7 @@ def _points(interval: list) -> list:
 def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, recipe, calib,
                       data: str | os.PathLike, max_drop: float, max_float: int | None = None,
                       max_trials: int | None = None, proxy_images: int = 8, top_k: int = 10, settings=None,
-                      progress: bool = False, threads: int | None = None) -> dict:
+                      progress: bool = False, threads: int | None = None, allow_scored_calib: bool = False) -> dict:
     """Quantize with `recipe`, then keep the fewest Convs in FP32 so that mAP50-95 drops by at most `max_drop`
     points (0.3 = 0.003) on `data`'s scoring split. Returns the JSON-able report (also written as mixed.json)."""
     import onnx
@@ -55,7 +54,7 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
     from ..analysis.sensitivity import layer_sensitivity, ranking, write_sensitivity
     from ..evaluate import EvalSettings, delta_interval
     from .fallback import conv_layers, keep_float
-    from .ort_engine import PREPARED_FP32, RECIPE_FILE, _calib_paths, quantize_ort
+    from .ort_engine import PREPARED_FP32, _calib_paths, quantize_ort, recipe_file
 
     settings = settings or EvalSettings()
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) \
@@ -66,6 +65,9 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
         raise QbenchError(f"--max-drop {max_drop} is more than 100 points of mAP50-95; pass points, e.g. 0.3.")
     if data is None:
         raise QbenchError("--max-drop needs --data: the budget is measured on its scoring split.")
+    from ..calibration import scored_overlap
+
+    scored_overlap(calib, data, settings.split, allow_scored_calib)
     from .recipe import load_recipe
 
     rec = load_recipe(recipe)
@@ -74,7 +76,7 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
         raise QbenchError(f"output '{out}' is not an .onnx file path; pass one like {out.parent / 'int8.onnx'}.")
     budget = max_drop / 100.0
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qbench-mixed-") as td:
+    with scratch("mixed") as td:
         work = Path(td)
         q_all = work / "int8.onnx"
         qrep = quantize_ort(fp32_onnx, q_all, rec, calib, progress=progress, threads=threads)
@@ -155,7 +157,7 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
         tmp = out.with_name(f".{out.stem}.partial.onnx")  # .onnx: open_model reads it for the latency
         onnx.save(final, str(tmp))
         report["latency"] = _latency({"fp32": Path(fp32_onnx), "int8": q_all, "mixed": tmp}, data, settings, threads)
-        shutil.copyfile(q_all.with_name(RECIPE_FILE), out.with_name(RECIPE_FILE))
+        shutil.copyfile(recipe_file(q_all), recipe_file(out))
         if fref != Path(fp32_onnx):  # the transformed float model: what `qbench inspect` compares the result with
             shutil.copyfile(fref, out.with_name(PREPARED_FP32))
         report["out"] = display_path(out)

@@ -52,7 +52,6 @@ import inspect
 import io
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -62,9 +61,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..analysis.graph import activation_census, census_text
 from ..calibration import CalibrationReader, load_manifest
 from ..errors import QbenchError
-from ..files import stage_onnx
+from ..files import check_writable, scratch, stage_onnx
 from ..progress import bar
 from .constraints import activations_to_uint8, apply_constraints
 from .recipe import MAX_OPSET, MIN_CALIB, Recipe, load_recipe, write_recipe
@@ -78,6 +78,13 @@ LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueez
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
 RECIPE_FILE = "recipe.yaml"
+
+
+def recipe_file(model: str | os.PathLike) -> Path:
+    """Where the recipe a model was made with is written: recipe.yaml beside int8.onnx, NAME.recipe.yaml beside
+    any other NAME.onnx (so two models in one folder keep their own)."""
+    model = Path(model)
+    return model.with_name(RECIPE_FILE if model.name == "int8.onnx" else f"{model.stem}.{RECIPE_FILE}")
 PREPARED_META = "qbench_prepared"  # metadata of a model whose float graph was transformed (recipe keys equalize, shift_negative)
 PREPARED_FP32 = "fp32-prepared.onnx"  # written next to such an INT8 model: the transformed float model, its reference
 
@@ -529,19 +536,6 @@ def _resolve_exclusions(model, head: HeadInfo | None, recipe: Recipe) -> tuple[l
     return excluded, sorted(forced, key=order.__getitem__), unmatched
 
 
-def _activation_census(model) -> str:
-    """'SiLU x57, Softmax x1'-style count of a float graph's activations (SiLU = a Sigmoid read by a Mul with it)."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    silu = sum(1 for n in model.graph.node if n.op_type == "Mul" and any(
-        producers.get(i) is not None and producers[i].op_type == "Sigmoid" and producers[i].input[0] in n.input
-        for i in n.input))
-    c = Counter(n.op_type for n in model.graph.node
-                if n.op_type in ("LeakyRelu", "Relu", "PRelu", "HardSwish", "Clip", "Softmax", "Sigmoid"))
-    c["Sigmoid"] -= silu
-    parts = ([f"SiLU x{silu}"] if silu else []) + [f"{k} x{v}" for k, v in sorted(c.items()) if v > 0]
-    return ", ".join(parts) or "no activations"
-
-
 def _calib_paths(calib) -> list[Path]:
     if isinstance(calib, (str, os.PathLike)):
         p = Path(calib)
@@ -549,6 +543,37 @@ def _calib_paths(calib) -> list[Path]:
             return load_manifest(p, verify=True)[1]
         raise QbenchError(f"calibration set '{p}' is not a manifest .json; build one with `qbench calib`.")
     return [Path(c) for c in calib]
+
+
+SANITY_IMAGES = 2  # calibration images the INT8 model's output is compared with the FP32 model's on
+# Outputs this far from FP32 are broken, not merely imprecise: box rows below 10 dB SQNR, or class scores below
+# 3 dB (error energy half the scores' own: scores rounded to 0 give 0 dB; the default model's power-of-two
+# unfused profile, a poor but working model, gives 9 dB, its default recipe 21 dB).
+SANITY_MIN_DB = {"box": 10.0, "score": 3.0}
+
+
+def _sanity(fp32: Path, int8: Path, images: list[Path], imgsz: int, threads: int | None) -> dict:
+    """The INT8 model's output against the FP32 model's on a few calibration images (SQNR of the box rows and of
+    the class scores); `flagged` when either is below SANITY_MIN_DB (e.g. scores rounded to 0 by a shared scale)."""
+    from ..data.preprocess import load_batch
+    from ..runtime import ort_session
+
+    x = load_batch(images[:SANITY_IMAGES], imgsz)
+    outs = []
+    for m in (fp32, int8):
+        sess = ort_session(m, threads)
+        outs.append(sess.run(None, {sess.get_inputs()[0].name: x})[0])
+    ref, got = outs
+
+    def db(a, b):
+        noise = float(np.sum((a.astype(np.float64) - b) ** 2))
+        return float("inf") if noise == 0 else float(10 * np.log10(max(float(np.sum(a.astype(np.float64) ** 2)),
+                                                                        1e-30) / noise))
+
+    res = {"images": int(x.shape[0]), "box_sqnr_db": round(db(ref[:, :4], got[:, :4]), 2),
+           "score_sqnr_db": round(db(ref[:, 4:], got[:, 4:]), 2), "threshold_db": SANITY_MIN_DB}
+    res["flagged"] = res["box_sqnr_db"] < SANITY_MIN_DB["box"] or res["score_sqnr_db"] < SANITY_MIN_DB["score"]
+    return res
 
 
 def _verify(tmp: Path, optimized: Path, input_name: str, imgsz: int, threads: int | None) -> dict:
@@ -609,6 +634,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
     if out.exists() and out.resolve() == src.resolve():
         raise QbenchError(f"output '{out}' is the FP32 input itself; pass another output path like int8.onnx.")
 
+    check_writable(out.parent, "the INT8 model")
     paths = _calib_paths(calib_paths) if ranges is None or calib_paths is not None else []
     if ranges is not None:
         ranges = Path(ranges)
@@ -639,6 +665,11 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         raise QbenchError(f"'{src}' is not an ONNX model ({type(e).__name__}); export one with `qbench export`.") from e
     if not model.graph.node:
         raise QbenchError(f"'{src}' is not an ONNX model (no graph in it); export one with `qbench export`.")
+    n_q = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.op_type.startswith("QLinear")
+              for n in model.graph.node)
+    if n_q:
+        raise QbenchError(f"'{src}' is already quantized ({n_q} quantization nodes); pass the FP32 model it was "
+                          "made from (`qbench export best.pt`).")
     info = check_detector(model, src)
     if info["imgsz"] is None and imgsz is None:
         raise QbenchError(f"'{src}' has a dynamic input size; pass imgsz (the size it was trained at, e.g. 640).")
@@ -657,7 +688,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
     meta = {p.key: p.value for p in model.metadata_props}
     seconds = {}
 
-    with tempfile.TemporaryDirectory(prefix="qbench-quant-") as td:
+    with scratch("quant") as td:
         work = Path(td)
         pre_in = src
         if recipe.opset is not None and recipe.opset != opset:
@@ -691,10 +722,10 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
             equalized = equalize(pmodel, eq_reader, recipe.equalize)
             seconds["equalize"] = time.perf_counter() - t
             if not equalized["chains"]:
+                acts = census_text(activation_census(pmodel))
                 raise QbenchError(f"recipe {recipe.name}: 'equalize' rescales Conv -> ReLU/LeakyReLU -> Conv chains "
-                                  f"(activations with f(s x) = s f(x)), and '{src.name}' has none "
-                                  f"({_activation_census(pmodel)}), so it would change nothing; use a recipe "
-                                  "without it (e.g. default).")
+                                  f"(activations with f(s x) = s f(x)), and '{src.name}' has none ({acts}), so it "
+                                  "would change nothing; use a recipe without it (e.g. default).")
         unshifted = None
         if recipe.shift_negative:
             from .shift import MAX_IMAGES as SHIFT_IMAGES
@@ -702,10 +733,10 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
             from .shift import shift_negative
 
             if not any(n.op_type in SHIFT_SOURCES for n in pmodel.graph.node):
+                acts = census_text(activation_census(pmodel))
                 raise QbenchError(f"recipe {recipe.name}: 'shift_negative' shifts LeakyReLU outputs, and "
-                                  f"'{src.name}' has none ({_activation_census(pmodel)}), so it would only shift the "
-                                  "image input; use a recipe without it (e.g. default), or --max-drop for layers "
-                                  "that lose too much.")
+                                  f"'{src.name}' has none ({acts}), so it would only shift the image input; use a "
+                                  "recipe without it (e.g. default), or --max-drop for layers that lose too much.")
             t = time.perf_counter()
             unshifted = onnx.ModelProto()
             unshifted.CopyFrom(pmodel)  # shifted again with the shifts on their INT8 grids after quantizing
@@ -835,8 +866,15 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
             t = time.perf_counter()
             fused = _verify(tmp, work / "optimized.onnx", info["input_name"], imgsz, threads)
             seconds["verify"] = time.perf_counter() - t
+            sanity = _sanity(src if prepared is None else save_prepared, tmp, used, imgsz, threads) if used else None
+            if sanity and sanity["flagged"]:
+                LOG.warning(f"the INT8 model's output is far from the FP32 model's on {sanity['images']} calibration "
+                            f"images (boxes {sanity['box_sqnr_db']:.1f} dB, class scores {sanity['score_sqnr_db']:.1f}"
+                            f" dB SQNR; broken below {SANITY_MIN_DB['box']:g} / {SANITY_MIN_DB['score']:g} dB): this "
+                            "recipe/profile breaks the model; its scores are a failure, not a precision loss (see "
+                            "quantize.json 'sanity').")
             # recipe.yaml first, the model last: a model file at `out` means the whole step finished
-            recipe_path = write_recipe(recipe, out.with_name(RECIPE_FILE), resolved)
+            recipe_path = write_recipe(recipe, recipe_file(out), resolved)
             os.replace(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -869,6 +907,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         "forced_in": forced,
         "unmatched_patterns": unmatched,
         "nodes": {"fp32_after_preprocess": n_pre_nodes, **summary},
+        "sanity": sanity,
         "ort_optimized_ops": fused,
         "qlinear_ops": {k: v for k, v in fused.items() if k.startswith("QLinear")},
         "size_bytes": {"fp32": src.stat().st_size, "int8": out.stat().st_size},

@@ -286,11 +286,22 @@ def short_name(recipe: Recipe) -> str:
     return Path(recipe.name).stem if recipe.name.endswith((".yaml", ".yml")) else recipe.name
 
 
+def recipe_label(recipe: Recipe | str) -> str:
+    """How a summary names a recipe: a shipped one by its name ('default'), a profile variant as built
+    ('default+npu-symmetric(fused)'), a user's file by its path as a person would type it here."""
+    name = recipe.name if isinstance(recipe, Recipe) else str(recipe)
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.parent.resolve() == RECIPES_DIR.resolve():
+        return p.stem
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        from ..files import display_path
+
+        return display_path(p)
+    return name
+
+
 def write_recipe(recipe: Recipe, path: str | os.PathLike, resolved: dict | None = None) -> Path:
     """Write `recipe.to_yaml(resolved)` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(recipe.to_yaml(resolved), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    from ..files import atomic_write_text
+
+    return atomic_write_text(path, recipe.to_yaml(resolved))

@@ -43,10 +43,11 @@ def _num(v) -> float:
 
 def sqnr_along_depth(runs: dict[str, dict]) -> bytes | None:
     """Per quantized tensor, in graph order: isolated (dashed) and cumulative (solid) SQNR, one colour a run;
-    LeakyReLU outputs marked."""
+    activation outputs (LeakyReLU, SiLU) marked."""
     runs = {k: v for k, v in runs.items() if v}
     if not runs:
         return None
+    marks = {k: _activation_outputs(v)[0] for k, v in runs.items()}
     plt = _plt()
     fig, ax = plt.subplots(figsize=(11, 4.2))
     few = len(runs) <= 2  # with more series, only the cumulative curves (one per run or variant)
@@ -60,16 +61,26 @@ def sqnr_along_depth(runs: dict[str, dict]) -> bytes | None:
                 (" (INT8 graph up to here)" if few else ""))
         if few:
             ax.plot(x, iso, "--", color=color, lw=1.0, alpha=0.8, label=f"{name}: isolated (this tensor alone)")
-        leaky = [i for i, r in enumerate(rows) if r["producer"] == "LeakyRelu"]
-        if leaky:
-            ax.plot(x[leaky], cum[leaky], "o", ms=3, color=color)
-    ax.set_xlabel("depth: position of the tensor's producer in the FP32 graph (input → head); dots: LeakyReLU "
-                  "outputs")
+        act = [i for i, r in enumerate(rows) if r["tensor"] in marks.get(name, ())]
+        if act:
+            ax.plot(x[act], cum[act], "o", ms=3, color=color)
+    kinds = sorted({k for v in runs.values() for k in _activation_outputs(v)[1]})
+    ax.set_xlabel("depth: position of the tensor's producer in the FP32 graph (input → head)"
+                  + (f"; dots: {' and '.join(kinds)} outputs" if kinds else ""))
     ax.set_ylabel("SQNR (dB), higher is better")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title("Per-layer quantization error along network depth")
     return _png(fig)
+
+
+def _activation_outputs(ins: dict) -> tuple[set, list[str]]:
+    """The output tensors of an inspection's LeakyReLU and SiLU layers, and which of the two it has."""
+    leaky = {r["node"] for r in ins.get("leaky", [])}
+    outs = {r["tensor"] for r in ins.get("layers", []) if r["producer"] == "LeakyRelu" and leaky}
+    silu_layers = {r["layer"] for r in ins.get("silu", [])}
+    outs |= {r["tensor"] for r in ins.get("layers", []) if r["producer"] == "Mul" and r["layer"] in silu_layers}
+    return outs, [k for k, rows in (("LeakyReLU", ins.get("leaky")), ("SiLU", ins.get("silu"))) if rows]
 
 
 def worst_histograms(ins: dict, hists: dict, k: int = 6) -> bytes | None:
@@ -106,18 +117,20 @@ def worst_histograms(ins: dict, hists: dict, k: int = 6) -> bytes | None:
     return _png(fig)
 
 
-def leaky_harm(runs: dict[str, dict], top: int = 20) -> bytes | None:
-    """Harm (dB lost against a fused asymmetric 8-bit LeakyReLU) of the most harmed layers, per run."""
-    runs = {k: v for k, v in runs.items() if v and v.get("leaky")}
+def leaky_harm(runs: dict[str, dict], top: int = 20, kind: str = "leaky") -> bytes | None:
+    """Harm (dB lost against a fused asymmetric 8-bit activation) of the most harmed layers, per run; `kind`:
+    "leaky" (LeakyReLU) or "silu"."""
+    label = {"leaky": "LeakyReLU", "silu": "SiLU"}[kind]
+    runs = {k: v for k, v in runs.items() if v and v.get(kind)}
     if not runs:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 0.28 * top + 1.2), squeeze=False)
     for ax, ((name, ins), color) in zip(axes.ravel(), zip(runs.items(), _palette(len(runs)))):
-        rows = ins["leaky"][:top][::-1]
+        rows = ins[kind][:top][::-1]
         ax.barh([r["layer"] for r in rows], [_num(r["harm_db"]) for r in rows], color=color)
         ax.set_xlabel("harm (dB below fused asymmetric)")
-        ax.set_title(f"{name}: LeakyReLU layers ranked by harm", fontsize=9)
+        ax.set_title(f"{name}: {label} layers ranked by harm", fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

@@ -24,7 +24,9 @@ from pathlib import Path
 from .. import __version__
 from ..compare import ci_text
 from ..errors import QbenchError
+from ..quantize.recipe import recipe_label
 from . import plots
+from .advice import remedies
 
 _NUMERIC = re.compile(r"^[-+]?(\d|—|inf)")  # numbers (and the "—" placeholder) are right-aligned
 CSS = """
@@ -129,14 +131,26 @@ def _class_table(run: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _activations_text(s: dict) -> str:
+    """'LeakyReLU x57 (57 unfused), SiLU x0' style census of an inspection summary (older ones: LeakyReLU only)."""
+    census = s.get("activations")
+    if census is None:
+        return f"LeakyReLU x{s['leaky_relus']} ({s['unfused_leaky_relus']} unfused)"
+    parts = []
+    for k, n in census.items():
+        unf = {"LeakyRelu": s.get("unfused_leaky_relus"), "SiLU": s.get("unfused_silus")}.get(k)
+        parts.append(f"{'LeakyReLU' if k == 'LeakyRelu' else k} x{n}" + (f" ({unf} unfused)" if unf else ""))
+    return ", ".join(parts) or "none"
+
+
 def _layer_summary(ins: dict) -> tuple[list[str], list[list[str]]]:
     from ..analysis.inspect import range_diagnosis
 
     s = ins["summary"]
     causes = [range_diagnosis(r)[1] for r in ins["layers"] if r["role"] == "quantized" and r["producer"] != "input"]
-    return (["tensors quantized", "LeakyReLU (unfused)", "output SQNR dB", "output cosine", "median isolated SQNR dB",
+    return (["tensors quantized", "activations", "output SQNR dB", "output cosine", "median isolated SQNR dB",
              "lowest cumulative SQNR dB", "range set by channels / rare values"],
-            [[str(s["quantized_tensors"]), f"{s['leaky_relus']} ({s['unfused_leaky_relus']})",
+            [[str(s["quantized_tensors"]), _activations_text(s),
               _fmt(s["output_sqnr_db"], 1), _fmt(s["output_cosine"], 5), _fmt(s["median_isolated_sqnr_db"], 1),
               _fmt(s["min_cumulative_sqnr_db"], 1),
               f"{causes.count('channels')} / {causes.count('rare values')}"]])
@@ -178,6 +192,16 @@ def _leaky_table(ins: dict, k: int = 15) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _most_harmed(ins: dict) -> tuple[str, str]:
+    """('57/57', 'model.23.cv3.2.1 (LeakyReLU, 4.1 dB)'): unfused activations and the most harmed one."""
+    rows = [("LeakyReLU", r) for r in ins.get("leaky", [])] + [("SiLU", r) for r in ins.get("silu", [])]
+    if not rows:
+        return "—", "—"
+    unfused = sum(bool(r.get("unfused") or r.get("sigmoid_quantized")) for _, r in rows)
+    kind, top = max(rows, key=lambda kr: plots._num(kr[1]["harm_db"]))
+    return f"{unfused}/{len(rows)}", f"{top['layer']} ({kind}, {top['harm_db']:.1f} dB)"
+
+
 def _variant_table(run: dict) -> tuple[list[str], list[list[str]]] | None:
     """One row per INT8 variant that was inspected: its accuracy change next to its per-layer error."""
     models = run["compare"]["models"]
@@ -190,15 +214,34 @@ def _variant_table(run: dict) -> tuple[list[str], list[list[str]]] | None:
         st = variants.get(key, {}).get("settings", {})
         acts = (f"{st['activation_type']} {'sym' if st['activation_symmetric'] else 'asym'}"
                 f"{', pow2' if st.get('pow2_scales') else ''}") if st else "recipe"
-        top = ins["leaky"][0] if ins.get("leaky") else None
+        unfused, top = _most_harmed(ins)
         rows.append([key, acts, _fmt(m["delta"]["mAP50"], signed=True), _fmt(m["delta"]["mAP50-95"], signed=True),
                      _fmt(s["output_sqnr_db"], 1), _fmt(s["median_isolated_sqnr_db"], 1),
-                     _fmt(s["min_cumulative_sqnr_db"], 1), f"{s['unfused_leaky_relus']}/{s['leaky_relus']}",
-                     f"{top['layer']} ({top['harm_db']:.1f} dB)" if top else "—"])
+                     _fmt(s["min_cumulative_sqnr_db"], 1), unfused, top])
     if len(rows) < 2:
         return None
     return (["model", "activations", "Δ mAP50", "Δ mAP50-95", "output SQNR dB", "median isolated dB",
-             "lowest cumulative dB", "LeakyReLU unfused", "most harmed LeakyReLU"], rows)
+             "lowest cumulative dB", "activations unfused", "most harmed activation"], rows)
+
+
+def _silu_table(ins: dict, k: int = 15) -> tuple[list[str], list[list[str]]]:
+    head = ["#", "layer", "Conv out requantized", "Sigmoid requantized", "min / max", "codes neg/pos (deployed)",
+            "SQNR dB", "fused dB", "ideal dB", "harm dB", "remedy"]
+    rows = [[str(r["rank"]), r["layer"], "yes" if r["unfused"] else "no", "yes" if r["sigmoid_quantized"] else "no",
+             f"{_fmt(r['out_min'], 3)} / {_fmt(r['out_max'], 2)}", f"{r['neg_codes']}/{r['pos_codes']}",
+             _fmt(r["sqnr_actual_db"], 1), _fmt(r["sqnr_fused_db"], 1), _fmt(r["sqnr_ideal_db"], 1),
+             _fmt(r["harm_db"], 1), r["remedy"]] for r in ins["silu"][:k]]
+    return head, rows
+
+
+def _attention_table(ins: dict) -> tuple[list[str], list[list[str]]]:
+    from ..analysis.inspect import is_attention, range_diagnosis
+
+    rows = [r for r in ins["layers"] if r["role"] == "quantized" and is_attention(r)]
+    return (["tensor", "op", "min", "max", "range set by", "isolated dB", "cumulative dB"],
+            [[r["layer"], r["producer"], _fmt(r["min"], 3), _fmt(r["max"], 3), range_diagnosis(r)[1] or "—",
+              _fmt(plots._num(r["sqnr_isolated_db"]), 1), _fmt(plots._num(r["sqnr_cumulative_db"]), 1)]
+             for r in rows])
 
 
 def _pts(v, signed=True):
@@ -282,7 +325,7 @@ def _inspect_hint(run: dict) -> str:
 
 
 def _qat_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["run", "profile", "epochs", "device", "fine-tuning s", "activation ranges", "distill", "PTQ mAP50-95",
+    head = ["run", "recipe + profile", "epochs", "device", "fine-tuning s", "activation ranges", "distill", "PTQ mAP50-95",
             "QAT mAP50-95", "QAT − PTQ [95% CI]", "PTQ loss recovered", "int8 convs", "ONNX vs fake-quant"]
     rows = []
     for r in runs:
@@ -292,7 +335,7 @@ def _qat_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
         lo, hi = c.get("qat_minus_ptq_ci95") or (None, None)
         rec = c.get("recovered_fraction")
         k, m = q.get("kernels", {}), (q.get("onnx_vs_torch") or {}).get("ort_optimized", {})
-        rows.append([r["name"], f"{q.get('profile') or q.get('recipe')} ({q.get('fusion')})",
+        rows.append([r["name"], recipe_label(q.get("recipe", "?")),
                      f"{q.get('epochs_run')} of {q.get('epochs')}", str(q.get("device")),
                      _fmt(q.get("train_seconds"), 0),
                      q.get("activation_ranges", {}).get("mode", "frozen at PTQ"),  # runs from before learned ones
@@ -453,6 +496,71 @@ def build(runs: list[dict]) -> tuple[str, str]:
                 body += [f"<details><summary><b>{html.escape(label)}</b></summary>", _html_table(head, rows),
                          "</details>"]
         body.append(_img(plots.leaky_harm(main or leaky_runs), "LeakyReLU harm ranking"))
+
+    # ---- SiLU
+    silu_runs = {(r["name"] if k == "int8" else f"{r['name']} {k}"): ins for r in runs
+                 for k, ins in r["inspect"].items() if ins.get("silu")}
+    if silu_runs:
+        md += ["## SiLU diagnostics", ""]
+        body.append("<h2>SiLU diagnostics</h2>")
+        expl = ("SiLU is exported as x * Sigmoid(x). ONNX Runtime's layout requantizes the Conv output before the "
+                "Sigmoid and the Mul read it, the Sigmoid output ([0, 1] in steps of 1/255: a small gate keeps few "
+                "significant codes) and the product; a fused profile quantizes only the product. SQNR: the layer's "
+                "output as deployed; fused: only the product quantized; ideal: an asymmetric range fitted to the "
+                "output (min -0.28: a symmetric int8 range gives the negative tail 128 codes it barely uses). "
+                "Harm: ideal − SQNR.")
+        md += [expl, ""]
+        body.append(f"<p class='muted'>{html.escape(expl)}</p>")
+        main = {label: ins for label, ins in silu_runs.items() if "[" not in label}
+        for label, ins in silu_runs.items():
+            head, rows = _silu_table(ins)
+            md += [f"### {label}", "", _md(head, rows)]
+            if label in main:
+                body += [f"<h3>{html.escape(label)}</h3>", _html_table(head, rows)]
+            else:
+                body += [f"<details><summary><b>{html.escape(label)}</b></summary>", _html_table(head, rows),
+                         "</details>"]
+        body.append(_img(plots.leaky_harm(main or silu_runs, kind="silu"), "SiLU harm ranking"))
+
+    # ---- attention
+    att_runs = {r["name"]: r["inspect"]["int8"] for r in runs
+                if "int8" in r["inspect"] and r["inspect"]["int8"]["summary"].get("attention_tensors")}
+    if att_runs:
+        md += ["## Attention blocks", ""]
+        body.append("<h2>Attention blocks</h2>")
+        expl = ("The quantized tensors of the attention blocks (C2PSA): scaled queries, the query·key scores "
+                "(MatMul), their Softmax, attention·values and the residual sums. Scores span a wide range, and "
+                "Softmax concentrates on few values, so these often sit among the worst tensors.")
+        md += [expl, ""]
+        body.append(f"<p class='muted'>{html.escape(expl)}</p>")
+        for label, ins in att_runs.items():
+            head, rows = _attention_table(ins)
+            md += [f"### {label}", "", _md(head, rows)]
+            body += [f"<h3>{html.escape(label)}</h3>", _html_table(head, rows)]
+
+    # ---- what to do
+    md += ["## What to do", ""]
+    body.append("<h2>What to do</h2>")
+    expl = ("The remedies that change something on this model, each with what this run measured for it (or the "
+            "command that measures it), and the shipped recipes that would change nothing here.")
+    md += [expl, ""]
+    body.append(f"<p class='muted'>{html.escape(expl)}</p>")
+    for r in runs:
+        adv = remedies(r)
+        md += [f"### {r['name']}", ""]
+        body.append(f"<h3>{html.escape(r['name'])}</h3><ul>")
+        for a in adv["apply"]:
+            line = f"**{a['remedy']}**: {a['why']}. Measured: {a['measured']}."
+            line += f" {a['note']}" if a.get("note") else ""
+            md.append(f"- {line} `{a['command']}`")
+            body.append(f"<li><b>{html.escape(a['remedy'])}</b>: {html.escape(a['why'])}. Measured: "
+                        f"{html.escape(a['measured'])}.{(' ' + html.escape(a['note'])) if a.get('note') else ''}"
+                        f"<br><code>{html.escape(a['command'])}</code></li>")
+        for a in adv["skip"]:
+            md.append(f"- Not here: {a['remedy']}: {a['why']}.")
+            body.append(f"<li class='muted'>Not here: {html.escape(a['remedy'])}: {html.escape(a['why'])}.</li>")
+        md.append("")
+        body.append("</ul>")
 
     # ---- sensitivity and mixed precision
     if any(r["sensitivity"] or r["mixed"] for r in runs):
