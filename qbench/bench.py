@@ -14,8 +14,17 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .evaluate import EvalSettings, evaluate
+from .analysis import inspect_run
+from .calibration import load_manifest
+from .comparison import ci_text, compare
+from .data.dataset import load_data_yaml
+from .errors import QbenchError
+from .evaluation import EvalSettings, evaluate
 from .files import command_line, scratch, write_json
+from .models.export import export_onnx
+from .quantization import load_recipe, quantize_ort
+from .quantization.inc_engine import quantize_inc
+from .quantization.recipe import short_name
 from .runtime import default_threads, int8_host
 
 
@@ -33,13 +42,11 @@ def _ultralytics_val(model: Path, data: Path, imgsz: int, batch: int, conf: floa
 def bench_eval(model: str | Path, data: str | Path, out: str | Path, repeats: int = 2, batch: int = 16,
                imgsz: int | None = None, argv: list[str] | None = None) -> str:
     """Time both evaluators on `model` (.onnx, or a .pt exported to a temporary FP32 ONNX at `imgsz`)."""
-    from .data.dataset import load_data_yaml
 
     data, out = Path(data), Path(out)
     load_data_yaml(data)
     with scratch("bench") as tmp:
         if Path(model).suffix.lower() == ".pt":
-            from .models.export import export_onnx
 
             onnx_path = export_onnx(model, Path(tmp) / "fp32.onnx", imgsz=imgsz)
         else:
@@ -100,7 +107,6 @@ def _bench_eval(model: Path, source: Path, data: Path, out: Path, repeats: int, 
 def _fp32_onnx(model: Path, tmp: Path, imgsz: int | None) -> Path:
     """`model` itself if it is an .onnx, else its FP32 export (at `imgsz`) in `tmp`."""
     if model.suffix.lower() == ".pt":
-        from .models.export import export_onnx
 
         return export_onnx(model, tmp / "fp32.onnx", imgsz=imgsz)
     return model
@@ -110,15 +116,12 @@ def bench_sweep(model: str | Path, data: str | Path, calib: str | Path, out: str
                 methods: list[str], sizes: list[int], recipe: str = "default", imgsz: int | None = None,
                 batch: int = 16, argv: list[str] | None = None, progress: bool = False) -> str:
     """INT8 accuracy over calibration method x calibration size, one table (FP32 scored once as the reference)."""
-    from .calibration import load_manifest
-    from .quantize import load_recipe, quantize_ort
 
     model, data, out = Path(model), Path(data), Path(out)
     base = load_recipe(recipe)
     recipes = [(m, n, base.replace(method=m, calib_size=n)) for m in methods for n in sizes]  # validate all first
     manifest, paths = load_manifest(calib)
     if max(sizes) > len(paths):
-        from .errors import QbenchError
 
         raise QbenchError(f"calibration manifest '{calib}' has {len(paths)} images, fewer than the largest size "
                           f"{max(sizes)}; build a larger one with `qbench calib --n {max(sizes)}`.")
@@ -157,7 +160,7 @@ def bench_sweep(model: str | Path, data: str | Path, calib: str | Path, out: str
 _MEMORY_CHILD = """
 import json, resource, sys
 from qbench.calibration import load_manifest
-from qbench.quantize import load_recipe, quantize_ort
+from qbench.quantization import load_recipe, quantize_ort
 fp32, manifest, n, recipe, out = sys.argv[1:6]
 _, paths = load_manifest(manifest)
 rec = load_recipe(recipe).replace(calib_size=int(n))
@@ -184,7 +187,6 @@ def bench_calib_memory(model: str | Path, calib: str | Path, out: str | Path, si
             r = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(fp32), str(calib), str(n), recipe,
                                 str(tmp / f"int8-{n}.onnx")], capture_output=True, text=True, check=False)
             if r.returncode != 0:
-                from .errors import QbenchError
 
                 raise QbenchError(f"quantizing with {n} calibration images failed: {r.stderr.strip().splitlines()[-1]}")
             rows.append({"calib_size": n, **json.loads(r.stdout.strip().splitlines()[-1])})
@@ -226,10 +228,6 @@ def bench_inspect(fp32: str | Path, int8: str | Path, calib: str | Path, data: s
     import json
     import subprocess
     import sys
-
-    from .analysis import inspect_run
-    from .calibration import load_manifest
-    from .errors import QbenchError
 
     fp32, int8, out = Path(fp32), Path(int8), Path(out)
     _, paths = load_manifest(calib)
@@ -295,12 +293,6 @@ def bench_engines(weights: str | Path, data: str | Path, calib: str | Path, out:
     Compressor's accuracy-aware tuning (`quantize_inc`), both scored and timed by `compare` against FP32 in one
     table, with the int8 convolutions of each optimized graph counted. An INC failure is reported in the table and
     the benchmark goes on with the ORT engine."""
-    from .compare import ci_text, compare
-    from .errors import QbenchError
-    from .models.export import export_onnx
-    from .quantize import quantize_ort
-    from .quantize.recipe import load_recipe, short_name
-    from .quantize.inc_engine import quantize_inc
 
     weights, data, out = Path(weights), Path(data), Path(out)
     if weights.suffix.lower() != ".pt":

@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from .data.dataset import image_files, load_data_yaml, read_image, read_labels
+from .data.default import default_data, default_data_dir
 from .data.preprocess import letterbox, to_input
 from .errors import QbenchError
-from .files import sha256_file, write_json
+from .files import atomic_write_text, check_writable, sha256_file, write_json
 
 MANIFEST_VERSION = 1
 REBUILD = "rebuild it with `qbench calib`"
@@ -158,7 +159,6 @@ def save_manifest(m: dict, path: str | os.PathLike) -> Path:
     embedded synthetic set is recorded as `data: qbench:default` instead: its images live in qbench's cache and
     are regenerated, bit-identically on every CPU, wherever the manifest is loaded.
     """
-    from .data.default import default_data_dir
 
     path = Path(path)
     data = Path(m["data"]).resolve()
@@ -185,7 +185,6 @@ def load_manifest(path: str | os.PathLike, verify: bool = True) -> tuple[dict, l
     rel = m.get("data_from_manifest")
     embedded = m.get("data") == DEFAULT_DATA
     if embedded:  # the embedded synthetic set: generated on first use
-        from .data.default import default_data
 
         root = default_data().parent
     elif rel and (p.parent / rel).is_file():  # portable: the data.yaml next to which the images were found
@@ -207,17 +206,36 @@ def load_manifest(path: str | os.PathLike, verify: bool = True) -> tuple[dict, l
     return m, paths
 
 
-def scored_overlap(calib, data, split: str = "val", allow: bool = False) -> dict:
-    """How many calibration images are images of the split being scored. Calibrating on what is scored fits the
-    INT8 ranges to those very images and flatters the result, so any overlap is refused unless `allow`
-    (`--allow-scored-calib`), and then recorded: {"images", "in_scored_split", "split", "manifest"}."""
-    from .data.dataset import image_files, load_data_yaml
+def calibration_paths(calib) -> list[Path]:
+    """The images of a calibration set given as a manifest path (verified against its sha256) or as image paths
+    (each must exist); None gives none."""
+    if calib is None:
+        return []
+    if isinstance(calib, (str, os.PathLike)):
+        p = Path(calib)
+        if p.suffix.lower() != ".json":
+            raise QbenchError(f"calibration set '{p}' is not a manifest .json; build one with `qbench calib`, or "
+                              "pass a list of image paths.")
+        return load_manifest(p, verify=True)[1]
+    paths = [Path(c) for c in calib]
+    missing = next((p for p in paths if not p.is_file()), None)
+    if missing is not None:
+        raise QbenchError(f"calibration image '{missing}' does not exist; pass existing image files.")
+    return paths
+
+
+def scored_overlap(calib, data, split: str = "val", allow: bool = False, n_used: int | None = None) -> dict:
+    """How many calibration images (the first `n_used` of the manifest: those a recipe's calib_size takes) are
+    images of the split being scored. Calibrating on what is scored fits the INT8 ranges to those very images and
+    flatters the result, so any overlap is refused unless `allow` (`--allow-scored-calib`), and then recorded:
+    {"images", "in_scored_split", "split", "manifest"}."""
 
     if isinstance(calib, (str, os.PathLike)) and Path(calib).suffix.lower() == ".json":
         manifest, paths = load_manifest(calib, verify=False)
         name = Path(calib)
     else:
         manifest, paths, name = {}, [Path(c) for c in (calib or [])], None
+    paths = paths[:n_used] if n_used else paths
     scored = {os.path.realpath(f) for f in image_files(load_data_yaml(data, require=(split,)), split)}
     n = sum(os.path.realpath(p) in scored for p in paths)
     if n and not allow:
@@ -228,6 +246,36 @@ def scored_overlap(calib, data, split: str = "val", allow: bool = False) -> dict
                           "--allow-scored-calib to measure it anyway (every summary then says so).")
     return {"images": len(paths), "in_scored_split": n, "split": manifest.get("split"),
             "manifest": str(name) if name else None}
+
+
+def heldout_data(data, calib, out, n_used: int = 128, split: str = "train") -> Path:
+    """A data.yaml whose 'val' split is `split` minus the first `n_used` images of the manifest `calib` (those a
+    recipe with calib_size n_used calibrates on), listed in a .txt beside it: more images to score INT8 against
+    FP32 on, none of them used for calibration. (If the model was trained on `split`, this measures how closely
+    INT8 follows FP32 on more images, not accuracy on unseen data.)"""
+    import yaml
+
+    out = Path(out)
+    if out.suffix.lower() not in (".yaml", ".yml"):
+        raise QbenchError(f"output '{out}' must be a .yaml path, e.g. configs/data/mydata-heldout.yaml.")
+    if out.exists():
+        raise QbenchError(f"'{out}' already exists; choose another --out or delete it.")
+    spec = load_data_yaml(data, require=(split,))
+    _, cpaths = load_manifest(calib)
+    used = {os.path.realpath(p) for p in cpaths[:n_used]}
+    files = [f for f in image_files(spec, split) if os.path.realpath(f) not in used]
+    if not files:
+        raise QbenchError(f"every '{split}' image of {data} is among the {n_used} calibration images; nothing left.")
+    check_writable(out.parent, "the held-out data.yaml")
+    lst = out.with_suffix(".txt")
+    atomic_write_text(lst, "".join(os.path.relpath(f, lst.parent) + "\n" for f in files))
+    text = (f"# {split} images of {os.path.relpath(spec.yaml_path, out.parent)} not among the first {n_used} of "
+            f"{os.path.relpath(calib, out.parent)} ({len(files)} images), scored as val.\n"
+            f"# made by: qbench data heldout --data {data} --calib {calib} --n-used {n_used} --out {out}\n"
+            + yaml.safe_dump({"train": os.path.relpath(spec.splits["train"], out.parent) if "train" in spec.splits
+                              else None, "val": lst.name, "names": dict(enumerate(spec.names))}, sort_keys=False))
+    atomic_write_text(out, text)
+    return out
 
 
 class CalibrationReader(_ReaderBase):

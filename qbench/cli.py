@@ -12,7 +12,26 @@ from typing import Optional
 
 import typer
 
+from . import api, safeload
+from . import bench as benchmarks
+from .analysis import inspect_run
+from .analysis.sensitivity import layer_sensitivity
+from .bench import bench_calib_memory as run_memory
+from .bench import bench_eval as run_bench
+from .bench import bench_sweep as run_sweep
+from .calibration import build_manifest, heldout_data, load_manifest, save_manifest
+from .comparison import compare as run_compare
+from .comparison import compare_md, compare_profiles
+from .data.default import default_data, synth_dataset
 from .errors import QbenchError
+from .evaluation import EvalSettings, evaluate, format_table
+from .files import check_writable, sweep_scratch, write_json
+from .models.export import export_onnx
+from .pipeline import run as run_pipeline
+from .quantization.engines import IncConfig, engine_named
+from .quantization.recipe import MIN_CALIB
+from .report import report as write_report
+from .train import train as run_train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="INT8 quantization and validation workbench for YOLO detectors.")
@@ -35,7 +54,6 @@ def _options(
         "files you trust; repeat for several."),
 ):
     """INT8 quantization and validation workbench for YOLO detectors."""
-    from .models import safeload
 
     for p in trust_weights or []:
         safeload.trust(p)
@@ -65,10 +83,24 @@ def data_synth(
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same images."),
 ):
     """Generate the synthetic traffic-sign detection set (4 GTSDB superclasses)."""
-    from .data.default import synth_dataset
 
     yaml_path = synth_dataset(out, n_train=train, n_val=val, seed=seed, progress=True)
     typer.echo(str(yaml_path))
+
+
+@data_app.command("heldout")
+def data_heldout(
+    data: Path = typer.Option(..., "--data", help="data.yaml of the dataset."),
+    calib_manifest: Path = typer.Option(..., "--calib", help="The calibration manifest quantization uses."),
+    out: Path = typer.Option(..., "--out", help="data.yaml to write (its image list goes beside it as .txt)."),
+    n_used: int = typer.Option(128, "--n-used", help="Calibration images the recipe uses (its calib_size)."),
+    split: str = typer.Option("train", help="Split to take the held-out images from."),
+):
+    """A data.yaml scoring a split's images that calibration does not use (e.g. train minus the first 128 of the
+    manifest): a larger INT8-vs-FP32 check than a small val split."""
+
+    y = heldout_data(data, calib_manifest, out, n_used=n_used, split=split)
+    typer.echo(f"wrote {y} and {y.with_suffix('.txt')}")
 
 
 @app.command()
@@ -86,7 +118,6 @@ def train(
     hours: Optional[float] = typer.Option(None, "--time", help="Train for this many hours instead of --epochs (the LR schedule fits the budget)."),
 ):
     """Train a detector with ultralytics, offline; writes weights/best.pt, args.yaml, results.csv, train.json."""
-    from .train import train as run_train
 
     best = run_train(model, str(data), out, epochs=epochs, imgsz=imgsz, batch=batch, device=device, seed=seed,
                      workers=workers, close_mosaic=close_mosaic, **({"time": hours} if hours else {}))
@@ -101,7 +132,6 @@ def export(
     opset: int = typer.Option(17, help="ONNX opset (at most 20: ONNX Runtime's INT8 quantizer rejects newer)."),
 ):
     """Export a checkpoint to an FP32 ONNX (no NMS, dynamic batch) carrying class names, imgsz and stride."""
-    from .models.export import export_onnx
 
     out = out or weights.with_name(weights.stem + ".onnx")
     typer.echo(str(export_onnx(weights, out, imgsz=imgsz, opset=opset)))
@@ -121,12 +151,9 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, help="Only the first N images (smoke tests)."),
 ):
     """Evaluate a model: mAP50, mAP50-95, precision, recall and per-class AP, as `yolo val` computes them."""
-    from .evaluate import EvalSettings, evaluate, format_table
-    from .files import write_json
 
     settings = EvalSettings(split=split, imgsz=imgsz, batch=batch, conf=conf, iou=iou, threads=threads, limit=limit)
     if out:
-        from .files import check_writable
 
         check_writable(out.parent, "metrics.json")
     result = evaluate(model, data, settings, progress=True)
@@ -148,10 +175,6 @@ def calib(
     seed: int = typer.Option(0),
 ):
     """Build a calibration manifest: a seeded, class-stratified sample (paths + sha256) that later runs reuse."""
-    from .calibration import build_manifest, save_manifest
-    from .data.default import default_data
-    from .files import check_writable
-    from .quantize.recipe import MIN_CALIB
 
     if out.exists():
         raise QbenchError(f"'{out}' already exists; a manifest is a record later runs rely on, so choose another "
@@ -192,66 +215,45 @@ def quantize(
                                             "manifest that holds images of the scored split."),
 ):
     """Static INT8 PTQ with ONNX Runtime (QDQ), the YOLO decode kept in float; or Intel Neural Compressor."""
-    from .calibration import build_manifest, save_manifest
-    from .data.dataset import image_files, load_data_yaml
-    from .evaluate import EvalSettings
-    from .files import scratch, write_json
-    from .models.export import export_onnx
-    from .quantize import apply_profile, quantize_max_drop, quantize_ort
-
-    if engine not in ("ort", "inc"):
-        raise QbenchError(f"--engine {engine!r} is not an engine; use ort or inc.")
-    if engine == "inc":
-        if model.suffix.lower() != ".pt":
-            raise QbenchError(f"--engine inc quantizes the PyTorch model: pass the trained .pt, not '{model}'.")
-        if data is None:
-            raise QbenchError("--engine inc needs --data DATA.yaml: its tuning scores mAP50-95 on the val split.")
-        if max_drop is not None or profile or fusion or recipe != "default":
-            raise QbenchError("--engine inc tunes on its own (--tolerable-loss); --recipe, --profile, --fusion and "
-                              "--max-drop are ONNX Runtime engine options.")
-    rec = apply_profile(recipe, profile, fusion)
+    eng = engine_named(engine)
+    if eng.name == "inc" and (max_drop is not None or profile or fusion or recipe != "default"):
+        raise QbenchError("--engine inc tunes on its own (--tolerable-loss); --recipe, --profile, --fusion and "
+                          "--max-drop are ONNX Runtime engine options.")
     if max_drop is None and max_float is not None:
         raise QbenchError("--max-float only applies with --max-drop.")
-    if max_drop is not None and data is None:
-        raise QbenchError("--max-drop needs --data DATA.yaml: the budget is measured on its val split.")
-    if max_drop is None and (calib_manifest is None) == (data is None):
+    if max_drop is None and eng.name == "ort" and (calib_manifest is None) == (data is None):
         raise QbenchError("pass exactly one of --calib MANIFEST.json or --data DATA.yaml for the calibration images.")
-    with scratch("cli") as tmp:
-        if calib_manifest is None:
-            n = min(rec.calib_size, len(image_files(load_data_yaml(data, require=("train",)), "train")))
-            calib_manifest = save_manifest(build_manifest(data, n, "train"), Path(tmp) / "calibration.json")
-        fp32 = export_onnx(model, Path(tmp) / "fp32.onnx") if model.suffix.lower() == ".pt" else model
-        if engine == "inc":
-            from .quantize.inc_engine import quantize_inc
-
-            r = quantize_inc(model, fp32, out, data, calib_manifest, tolerable_loss=tolerable_loss,
-                             max_trials=max_trials, threads=threads, progress=True)
-            write_json(r, out.with_name(out.stem + ".quantize.json"))
-            t = r["tuning"]
-            typer.echo(f"wrote {out}: INC chose {t['chosen']} after {len(t['trials'])} trials (FP32 mAP50-95 "
-                       f"{t['baseline_mAP50-95']}, trials {[x['mAP50-95'] for x in t['trials']]}); "
-                       f"{r['graph']['qlinearconv']} QLinearConv after ORT optimization")
-            return
-        if max_drop is not None:
-            m = quantize_max_drop(fp32, out, rec, calib_manifest, data, max_drop, max_float=max_float,
-                                  settings=EvalSettings(threads=threads), progress=True, threads=threads,
-                                  allow_scored_calib=allow_scored_calib)
-            typer.echo(f"wrote {out}: mAP50-95 {m['fp32_mAP50-95']:.4f} FP32, {m['int8_mAP50-95']:.4f} all-INT8 "
-                       f"(-{m['drop_points']['int8']} points), {m['mixed_mAP50-95']:.4f} mixed "
-                       f"(-{m['drop_points']['mixed']} points, budget {max_drop}) with {len(m['float_layers'])} of "
-                       f"{m['quantized_convs']} convs in FP32:")
-            for f in m["float_layers"]:
-                typer.echo(f"  {f['layer']}: {f['why']}")
-            typer.echo(f"details: {out.parent / 'mixed.json'}, {out.parent / 'sensitivity.csv'}")
-            return
-        report = quantize_ort(fp32, out, rec, calib_manifest, progress=True, threads=threads)
-    write_json(report, out.with_name(out.stem + ".quantize.json"))
-    q, con = report["qlinear_ops"], report["constraints"]
-    typer.echo(f"wrote {out} ({report['size_bytes']['int8'] / 2**20:.1f} MB; {q.get('QLinearConv', 0)} QLinearConv "
+    config = IncConfig(tolerable_loss=tolerable_loss, max_trials=max_trials) if eng.name == "inc" else recipe
+    if max_drop is not None:
+        if data is None:
+            raise QbenchError("--max-drop needs --data DATA.yaml: the budget is measured on its val split.")
+        r = api.quantize_with_accuracy_control(model, out, config, data=data, max_drop=max_drop, calib=calib_manifest,
+                                               profile=profile, fusion=fusion, max_float=max_float, threads=threads,
+                                               allow_scored_calib=allow_scored_calib, progress=True)
+        m = r.report
+        typer.echo(f"wrote {out}: mAP50-95 {m['fp32_mAP50-95']:.4f} FP32, {m['int8_mAP50-95']:.4f} all-INT8 "
+                   f"(-{m['drop_points']['int8']} points), {m['mixed_mAP50-95']:.4f} mixed "
+                   f"(-{m['drop_points']['mixed']} points, budget {max_drop}) with {len(m['float_layers'])} of "
+                   f"{m['quantized_convs']} convs in FP32:")
+        for f in m["float_layers"]:
+            typer.echo(f"  {f['layer']}: {f['why']}")
+        typer.echo(f"details: {out.parent / 'mixed.json'}, {out.parent / 'sensitivity.csv'}")
+        return
+    q = api.quantize(model, out, config, calib=calib_manifest, data=data, profile=profile, fusion=fusion,
+                     threads=threads, progress=True)
+    report = q.report
+    if q.engine == "inc":
+        t = report["tuning"]
+        typer.echo(f"wrote {out}: INC chose {t['chosen']} after {len(t['trials'])} trials (FP32 mAP50-95 "
+                   f"{t['baseline_mAP50-95']}, trials {[x['mAP50-95'] for x in t['trials']]}); "
+                   f"{report['graph']['qlinearconv']} QLinearConv after ORT optimization")
+        return
+    con = report["constraints"]
+    typer.echo(f"wrote {out} ({report['size_bytes']['int8'] / 2**20:.1f} MB; {q.qlinear_convs} QLinearConv "
                f"after ORT optimization; {report['head'].get('decode_nodes', 0)} decode nodes kept float)")
     if profile or fusion:
         pow2 = con.get("pow2")
-        typer.echo(f"recipe {rec.name}: {con.get('qdq_pairs_removed', 0)} Conv->activation Q/DQ pairs removed"
+        typer.echo(f"recipe {q.config}: {con.get('qdq_pairs_removed', 0)} Conv->activation Q/DQ pairs removed"
                    + (f", {pow2['values_rounded']} scale values rounded up to powers of two" if pow2 else ""))
 
 
@@ -276,14 +278,9 @@ def compare(
     """FP32 vs INT8 through the same evaluation path: P, R, mAP50, mAP50-95, per-class deltas, latency, size.
 
     With --profile (no INT8 argument): quantize FP32 once per profile and compare every variant in one table."""
-    from .compare import compare as run_compare
-    from .compare import compare_md, compare_profiles
-    from .evaluate import EvalSettings
-    from .files import write_json
 
     settings = EvalSettings(batch=batch, threads=threads)
     if out:
-        from .files import check_writable
 
         check_writable(out, "compare.json")
     if profiles:
@@ -336,7 +333,6 @@ def run(
                                             "holds images of the scored split (flatters INT8; the summary says so)."),
 ):
     """The main job: export FP32 ONNX, calibrate, quantize to INT8, evaluate both, compare; writes a run folder."""
-    from .pipeline import run as run_pipeline
 
     names = [p.strip() for p in (profiles or "").split(",") if p.strip()]
     if both_fusions and not names:
@@ -367,7 +363,6 @@ def inspect(
                                   "(profiles/*/int8.onnx), sharing the FP32 statistics pass."),
 ):
     """Per-layer activation statistics, quantization error (SQNR, cosine) and LeakyReLU / SiLU diagnostics."""
-    from .analysis import inspect_run
 
     r = inspect_run(run_dir, fp32=fp32, int8=int8, calib=calib_manifest, data=data, out=out, images=images,
                     error_images=error_images, threads=threads, variants=variants, progress=True)
@@ -425,7 +420,7 @@ def qat(
 ):
     """QAT fine-tuning with fake quantization matching a PTQ recipe/profile; exports a QDQ INT8 ONNX and scores
     FP32 / PTQ / QAT in one table (qat.json)."""
-    from .qat import qat as run_qat
+    from .qatrain import qat as run_qat
 
     r = run_qat(weights, data, out, recipe=recipe, profile=profile, fusion=fusion, calib=calib_manifest,
                 epochs=epochs, imgsz=imgsz, batch=batch, lr0=lr0, device=device, workers=workers, u8_activations=u8,
@@ -464,9 +459,6 @@ def sensitivity(
 ):
     """Per-layer sensitivity: the damage of quantizing each conv alone and the recovery of keeping it alone in
     FP32, by an output-error proxy for every layer and by mAP for the top-K."""
-    from .analysis.sensitivity import layer_sensitivity
-    from .calibration import load_manifest
-    from .evaluate import EvalSettings
 
     if images < 1:
         raise QbenchError(f"--images {images} must be at least 1.")
@@ -495,7 +487,6 @@ def report(
                                                              "(default: the run folder; needed for several runs)."),
 ):
     """summary.md and a self-contained report.html: FP32 vs INT8, per-layer SQNR, worst ranges, LeakyReLU ranking."""
-    from .report import report as write_report
 
     page = write_report(run_dirs, out)
     typer.echo(f"wrote {page.with_name('summary.md')} and {page}")
@@ -511,7 +502,6 @@ def bench_eval(
     batch: int = typer.Option(16),
 ):
     """qbench eval vs ultralytics' YOLO(onnx).val on the same ONNX and data: time and metrics side by side."""
-    from .bench import bench_eval as run_bench
 
     summary = run_bench(model, data, out, repeats=repeats, batch=batch, imgsz=imgsz, argv=sys.argv)
     typer.echo(summary)
@@ -529,7 +519,6 @@ def bench_sweep(
     imgsz: Optional[int] = typer.Option(None),
 ):
     """INT8 mAP over calibration method x calibration size, in one table."""
-    from .bench import bench_sweep as run_sweep
 
     typer.echo(run_sweep(model, data, calib_manifest, out, [m.strip() for m in methods.split(",") if m.strip()],
                          _sizes(sizes), recipe=recipe, imgsz=imgsz, argv=sys.argv, progress=True))
@@ -545,7 +534,6 @@ def bench_calib_memory(
     imgsz: Optional[int] = typer.Option(None),
 ):
     """Peak memory of calibration per calibration size (each in a fresh process)."""
-    from .bench import bench_calib_memory as run_memory
 
     typer.echo(run_memory(model, calib_manifest, out, _sizes(sizes), recipe=recipe, imgsz=imgsz, argv=sys.argv))
 
@@ -562,9 +550,7 @@ def bench_inspect(
     memory_sizes: str = typer.Option("64,512", help="Peak RSS of inspect at these image counts ('' to skip)."),
 ):
     """Time of `qbench inspect` against one FP32 evaluation pass over as many images; peak memory per size."""
-    from .bench import bench_inspect as run_bench
-
-    typer.echo(run_bench(fp32, int8, calib_manifest, data, out, images=images, error_images=error_images,
+    typer.echo(benchmarks.bench_inspect(fp32, int8, calib_manifest, data, out, images=images, error_images=error_images,
                          memory_sizes=_sizes(memory_sizes) if memory_sizes.strip() else None, argv=sys.argv,
                          progress=True))
 
@@ -581,9 +567,7 @@ def bench_engines(
     eval_images: Optional[int] = typer.Option(None, help="Val images INC scores each trial on (default: all)."),
 ):
     """ONNX Runtime vs Intel Neural Compressor on one model: mAP, int8 convs in the optimized graph, latency."""
-    from .bench import bench_engines as run_bench
-
-    typer.echo(run_bench(weights, data, calib_manifest, out, recipe=recipe, tolerable_loss=tolerable_loss,
+    typer.echo(benchmarks.bench_engines(weights, data, calib_manifest, out, recipe=recipe, tolerable_loss=tolerable_loss,
                          max_trials=max_trials, eval_images=eval_images, argv=sys.argv, progress=True))
 
 
@@ -591,8 +575,6 @@ def main() -> None:
     """Console entry point. Usage errors: typer's message, exit 2; QbenchError: one line, exit 2; Ctrl-C and
     SIGTERM: 'interrupted', exit 130 / 143, after every temporary folder and staged output is removed."""
     import signal
-
-    from .files import sweep_scratch
 
     def terminate(signum, frame):
         raise SystemExit(128 + signum)  # unwinds like Ctrl-C: context managers and finally blocks clean up

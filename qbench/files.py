@@ -8,6 +8,8 @@ import os
 import re
 from pathlib import Path
 
+from .errors import QbenchError
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
@@ -89,8 +91,6 @@ def check_writable(folder: str | os.PathLike, what: str = "output") -> Path:
     written and removed there. Returns the folder."""
     import tempfile
 
-    from .errors import QbenchError
-
     folder = Path(folder)
     existing = next((q for q in [folder, *folder.parents] if q.exists()), None)
     if existing is not None and not existing.is_dir():
@@ -155,8 +155,6 @@ class exclusive:
     def __enter__(self):
         import fcntl
 
-        from .errors import QbenchError
-
         self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -177,8 +175,6 @@ class exclusive:
 def read_yaml(path: Path, what: str = ""):
     """Parse a YAML file; a syntax or read error becomes one QbenchError naming the file (and line)."""
     import yaml
-
-    from .errors import QbenchError
 
     label = f"{what} {path}".strip()
     try:

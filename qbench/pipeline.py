@@ -23,11 +23,18 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .data.dataset import load_data_yaml
+from .calibration import build_manifest, save_manifest, scored_overlap
+from .comparison import compare, compare_md, profile_variants, quantize_variants
+from .data.dataset import image_files, load_data_yaml, scored_labels
 from .data.default import DEFAULT_CALIB, default_data, default_weights
 from .errors import QbenchError
-from .evaluate import EvalSettings
+from .evaluation import EvalSettings
 from .files import check_writable, command_line, display_path, write_json
+from .models.export import export_onnx
+from .models.load import load_checkpoint, model_facts
+from .quantization import apply_profile, quantize_ort
+from .quantization.baseline import ultralytics_int8
+from .quantization.recipe import recipe_label
 
 
 def next_run_dir(root: Path = Path("runs") / "qbench", name: str = "run") -> Path:
@@ -48,15 +55,6 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
     """`qbench run`. `recipe` (+ `profile`, `fusion`) makes int8.onnx; each of `profiles` (x `fusions`) adds a
     variant under profiles/PROFILE-FUSION/, scored in the same table. A `calib` manifest that holds images of the
     scored (val) split is refused unless `allow_scored_calib`."""
-    from .calibration import build_manifest, save_manifest, scored_overlap
-    from .compare import compare
-    from .data.dataset import image_files, scored_labels
-    from .models.export import export_onnx
-    from .models.load import load_checkpoint, model_facts
-    from .quantize import apply_profile, quantize_ort
-    from .quantize.recipe import recipe_label
-
-    from .compare import profile_variants, quantize_variants
 
     settings = EvalSettings(batch=batch, threads=threads)  # bad --batch/--threads: refused before any work
     rec = apply_profile(recipe, profile, fusion)  # the recipe itself without profile and fusion; checked first
@@ -72,7 +70,8 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
         raise QbenchError(f"Model '{weights}' predicts {facts['nc']} classes but '{spec.yaml_path}' has {spec.nc}; "
                           "pass the data.yaml the model was trained on.")
     scored_labels(spec, "val", image_files(spec, "val"))  # labels checked before any work: bad data fails fast
-    overlap = scored_overlap(calib, data, "val", allow_scored_calib) if calib is not None else None
+    used = max([rec.calib_size, *(r.calib_size for _, r in variants.values())])
+    overlap = scored_overlap(calib, data, "val", allow_scored_calib, used) if calib is not None else None
     auto = out is None
     out = Path(out) if out else next_run_dir()
     if out.exists():
@@ -103,7 +102,6 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
             extra, variant_info = timed("profiles_quantize_s", quantize_variants, onnx_path, calib, variants,
                                         stage / "profiles", progress=progress)
         if baseline:  # ultralytics' own export(format="onnx", quantize=8), scored the same way
-            from .quantize.baseline import ultralytics_int8
 
             extra["ultralytics-int8"] = timed("ultralytics_int8_export_s", ultralytics_int8, weights, data,
                                               stage / "ultralytics-int8.onnx", facts["imgsz"])
@@ -164,7 +162,6 @@ def _publish(stage: Path, out: Path, auto: bool) -> Path:
 
 
 def summary_md(facts: dict, fp32: dict, cmp: dict, qreport: dict, info: dict) -> str:
-    from .compare import compare_md
 
     d = fp32["data"]
     check = info.get("calibration_check") or {}

@@ -4,7 +4,7 @@
 path every FP32/INT8 comparison goes through) or a `.pt` checkpoint (PyTorch,
 for cross-checks). Both return the head's raw `(N, 4 + nc, anchors)` output
 (boxes as cx, cy, w, h in input pixels; sigmoid class scores), which
-`qbench.evaluate` decodes with ultralytics' NMS.
+`qbench.evaluation` decodes with ultralytics' NMS.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Callable
 import numpy as np
 
 from .errors import QbenchError
+from .models.export import read_onnx_meta
+from .models.load import checkpoint_imgsz, load_checkpoint
 
 
 def default_threads() -> int:
@@ -154,7 +156,6 @@ class Detector:
 
 
 def _open_onnx(path: Path, threads: int | None) -> Detector:
-    from .models.export import read_onnx_meta
 
     meta = read_onnx_meta(path)
     sess = ort_session(path, threads)
@@ -174,8 +175,6 @@ def _open_onnx(path: Path, threads: int | None) -> Detector:
 
 def _open_pt(path: Path, threads: int | None) -> Detector:
     import torch
-
-    from .models.load import checkpoint_imgsz, load_checkpoint
 
     yolo = load_checkpoint(path)
     model = yolo.model.float().eval()

@@ -21,9 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from .data.dataset import load_data_yaml
 from .errors import QbenchError
+from .files import check_writable, command_line
+from .resources import shipped
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+CONFIG_DIR = shipped("configs") / "models"
 
 
 def resolve_model(model: str) -> str:
@@ -45,14 +48,12 @@ def resolve_model(model: str) -> str:
 def train(model: str, data: str, out_dir: str | Path, *, epochs: int = 100, imgsz: int = 320, batch: int = 16,
           device: str = "cpu", seed: int = 0, workers: int = 2, **overrides) -> Path:
     """Train `model` on `data`; returns the path of best.pt in `out_dir`."""
-    from .data.dataset import load_data_yaml
     from .ultra import YOLO
 
     load_data_yaml(data)  # fail early, with a clear message, on a broken data.yaml
     out_dir = Path(out_dir).resolve()
     if (out_dir / "weights" / "best.pt").exists() and not overrides.get("exist_ok"):
         raise QbenchError(f"'{out_dir}' already holds a trained model; choose another --out or delete it.")
-    from .files import check_writable, command_line
 
     check_writable(out_dir.parent, "the training run")
     work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))  # this run's own

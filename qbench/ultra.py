@@ -1,47 +1,18 @@
-"""Import ultralytics offline.
+"""Import ultralytics offline and safe: everything in qbench imports ultralytics through this module.
 
-ultralytics reaches for the network in a few places: an online check, hub and
-telemetry events, a settings file, fonts for plots (Arial.ttf) and an AMP check
-that downloads yolo11n.pt on GPUs. Everything in qbench imports ultralytics
-through this module, which first points it at a qbench-owned config folder,
-declares it offline, turns telemetry off, and puts a local font (matplotlib's
-DejaVu Sans, which ships with matplotlib) where ultralytics looks for Arial, so
-plots render without a download.
+First the environment (qbench.offline: config folder, offline flag, local fonts), then ultralytics itself with
+telemetry off, and its checkpoint loader routed through qbench.safeload (no code runs from a checkpoint).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
-
-
-def config_dir() -> Path:
-    base = os.environ.get("QBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qbench")
-    return Path(base) / "ultralytics"
-
-
-def _prepare() -> None:
-    cfg = config_dir()
-    cfg.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(cfg))
-    os.environ["YOLO_OFFLINE"] = "1"
-    os.environ.setdefault("ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS", "1")  # never pip-install at run time
-    import matplotlib
-
-    dejavu = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    target = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"  # ultralytics' USER_CONFIG_DIR
-    target.mkdir(parents=True, exist_ok=True)
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        if not (target / name).exists() and dejavu.exists():
-            shutil.copyfile(dejavu, target / name)
-
-
-_prepare()
 
 import ultralytics  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
 from ultralytics.utils import SETTINGS  # noqa: E402
+
+from .offline import config_dir  # noqa: F401  (sets the environment before the first ultralytics import)
 
 # No telemetry and no experiment-tracker integrations (several of them phone home).
 _OFF = {k: False for k in ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb",
@@ -51,11 +22,11 @@ if any(SETTINGS[k] for k in _OFF):
 
 __all__ = ["YOLO", "ultralytics", "config_dir"]
 
-# Every checkpoint ultralytics reads in a qbench process runs no code from the file (qbench.models.safeload).
+# Every checkpoint ultralytics reads in a qbench process runs no code from the file (qbench.safeload).
 import ultralytics.nn.tasks as _tasks  # noqa: E402
 import ultralytics.utils.patches as _patches  # noqa: E402
 
-from .models import safeload as _safeload  # noqa: E402
+from . import safeload as _safeload  # noqa: E402
 
 _tasks.torch_load = _patches.torch_load = _safeload.torch_load
 

@@ -55,9 +55,9 @@ def default_onnx(tmp_path_factory, default_weights) -> Path:
 
 def _untrained_onnx(tmp: Path, act: str) -> Path:
     """configs/models/yolo11n-l3-{act}.yaml, untrained, exported at IMGSZ."""
-    import qbench.ultra  # noqa: F401  (offline ultralytics first)
     from ultralytics import YOLO
 
+    import qbench.ultra  # noqa: F401  (offline ultralytics first)
     from qbench.models.export import export_onnx
 
     pt = tmp / f"{act}.pt"

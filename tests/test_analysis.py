@@ -18,9 +18,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qbench.analysis import inspect_models, read_histograms
-from qbench.analysis.stats import QParams, TensorStats
+from qbench.analysis.stats import TensorStats
 from qbench.calibration import CalibrationReader
 from qbench.errors import QbenchError
+from qbench.graph.qdq import QParams
 
 S = 8  # image size
 ALPHA = 0.1

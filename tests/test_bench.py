@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from qbench.calibration import build_manifest, save_manifest
-
 from conftest import run_cli
+
+from qbench.calibration import build_manifest, save_manifest
 
 
 def test_bench_eval_agrees_with_ultralytics(default_onnx, synth_small, tmp_path):

@@ -214,3 +214,20 @@ def test_committed_default_manifest_matches_the_regenerated_synthetic_set():
     finally:
         victim.write_bytes(original)
     assert load_manifest(DEFAULT_CALIB)[1] == paths
+
+
+def test_heldout_data_scores_what_calibration_does_not_use(tmp_path, synth_small):
+    """`qbench data heldout`: a data.yaml whose val split is train minus the calibration images a recipe uses;
+    scoring on it passes the scored-split check that the train split itself fails."""
+    from qbench.calibration import heldout_data, scored_overlap
+    from qbench.data.dataset import image_files, load_data_yaml
+
+    m = save_manifest(build_manifest(synth_small, 8, seed=0), tmp_path / "calib.json")
+    y = heldout_data(synth_small, m, tmp_path / "cfg" / "held.yaml", n_used=5)
+    spec = load_data_yaml(y, require=("val", "train"))
+    assert len(image_files(spec, "val")) == len(image_files(spec, "train")) - 5 == 3
+    assert scored_overlap(m, y, "val", n_used=5)["in_scored_split"] == 0
+    with pytest.raises(QbenchError, match="split being scored"):
+        scored_overlap(m, y, "val", n_used=8)  # the recipe would use 3 of the scored images
+    with pytest.raises(QbenchError, match="already exists"):
+        heldout_data(synth_small, m, y, n_used=5)

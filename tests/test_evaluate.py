@@ -6,19 +6,19 @@ import json
 
 import numpy as np
 import pytest
+from conftest import GTSDB4, run_cli
 
 from qbench.data.dataset import image_files, load_data_yaml, read_image
 from qbench.data.preprocess import letterbox, to_input
-from qbench.evaluate import EvalSettings, evaluate
 from qbench.errors import QbenchError
-
-from conftest import GTSDB4, run_cli
+from qbench.evaluation import EvalSettings, evaluate
 
 
 def _ultralytics_val_dataset(spec, imgsz):
-    import qbench.ultra  # noqa: F401
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_yolo_dataset
+
+    import qbench.ultra  # noqa: F401
 
     cfg = get_cfg(overrides={"imgsz": imgsz, "rect": False, "task": "detect", "cache": False, "fraction": 1.0})
     data = {"names": dict(enumerate(spec.names)), "nc": spec.nc, "channels": 3}
@@ -101,7 +101,7 @@ def test_real_gtsdb4_smoke(default_onnx):
 NMS_PROBE = """
 import math, sys
 import numpy as np, torch
-from qbench.evaluate import nms
+from qbench.evaluation import nms
 from ultralytics.utils import nms as unms
 
 rng = np.random.default_rng(0)
@@ -140,7 +140,7 @@ def test_delta_interval_resolves_a_real_loss_and_not_a_null_one(default_onnx, sy
     """Paired bootstrap of the mAP50-95 difference: a model against itself gives exactly [0, 0]; the same model
     with every detection removed from half of the images is resolved as worse (interval below 0, around the
     measured difference)."""
-    from qbench.evaluate import _map5095, delta_interval
+    from qbench.evaluation import _map5095, delta_interval
 
     r = evaluate(default_onnx, synth_val, EvalSettings(limit=60), keep_stats=True)
     stats = r.pop("image_stats")

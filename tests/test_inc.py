@@ -14,7 +14,7 @@ IMGSZ = 160  # the default model (trained at 320) exported small: a trial takes 
 def inc_run(tmp_path_factory, default_weights, synth_small):
     from qbench.calibration import build_manifest, save_manifest
     from qbench.models.export import export_onnx
-    from qbench.quantize.inc_engine import quantize_inc
+    from qbench.quantization.inc_engine import quantize_inc
 
     d = tmp_path_factory.mktemp("inc")
     fp32 = export_onnx(default_weights, d / "fp32.onnx", imgsz=IMGSZ)
@@ -55,7 +55,7 @@ def test_inc_model_is_int8_in_ort_and_close_to_fp32(inc_run):
 
     from qbench.data.dataset import image_files, load_data_yaml, read_image
     from qbench.data.preprocess import letterbox, to_input
-    from qbench.quantize.inc_engine import float_weight_quantizers, optimized_op_counts
+    from qbench.quantization.inc_engine import float_weight_quantizers, optimized_op_counts
     from qbench.runtime import open_model
 
     fp32, out, report, data = inc_run
@@ -92,7 +92,7 @@ def test_inc_model_is_int8_in_ort_and_close_to_fp32(inc_run):
 
 @pytest.mark.slow
 def test_inc_bad_input_raises_and_writes_nothing(inc_run, default_weights, tmp_path):
-    from qbench.quantize.inc_engine import IncError, quantize_inc
+    from qbench.quantization.inc_engine import IncError, quantize_inc
 
     fp32, _, _, data = inc_run
     out = tmp_path / "x.onnx"
@@ -109,7 +109,7 @@ def test_inc_bad_input_raises_and_writes_nothing(inc_run, default_weights, tmp_p
 def test_inc_zero_baseline_is_a_clear_error(default_weights, synth_small, tmp_path):
     """At imgsz 64 the default model finds nothing: INC's relative-loss tuning would divide by zero."""
     from qbench.models.export import export_onnx
-    from qbench.quantize.inc_engine import IncError, quantize_inc
+    from qbench.quantization.inc_engine import IncError, quantize_inc
 
     fp32 = export_onnx(default_weights, tmp_path / "fp32-64.onnx", imgsz=64)
     out = tmp_path / "int8.onnx"

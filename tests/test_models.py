@@ -14,14 +14,13 @@ from copy import deepcopy
 from datetime import datetime
 from pathlib import Path
 
-import qbench.ultra  # noqa: F401  (offline ultralytics before anything imports it)
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
+import qbench.ultra  # noqa: F401  (offline ultralytics before anything imports it)
 from qbench.errors import QbenchError
 from qbench.models import export_onnx, load_checkpoint, model_facts, read_onnx_meta
 

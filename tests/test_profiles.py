@@ -9,14 +9,20 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+from conftest import IMGSZ, run_cli
 from onnx import numpy_helper
 
 from qbench.errors import QbenchError
-from qbench.quantize import apply_profile, available_profiles, load_profile, load_recipe, quantize_ort, recipe_from_dict
-from qbench.quantize.constraints import pow2_ceil, round_scales_to_pow2
-from qbench.quantize.profile import PROFILE_KEYS
-
-from conftest import IMGSZ, run_cli
+from qbench.quantization import (
+    apply_profile,
+    available_profiles,
+    load_profile,
+    load_recipe,
+    quantize_ort,
+    recipe_from_dict,
+)
+from qbench.quantization.constraints import pow2_ceil, round_scales_to_pow2
+from qbench.quantization.profile import PROFILE_KEYS
 
 N_ACTIVATIONS = 57  # activations after a Conv in the level-3 YOLO (every Conv block, Detect's included)
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -342,7 +348,7 @@ def test_cli_quantize_with_profile_and_fusion(leaky_onnx, calib, tmp_path):
     assert "recipe default+npu-symmetric-pow2(unfused): 0 Conv->activation Q/DQ pairs removed" in r.stdout
     rec = load_recipe(out.with_name("recipe.yaml"))
     assert rec.pow2_scales and rec.activation_fusion == "unfused" and rec.activation_type == "int8"
-    q = json.loads(out.with_name("int8.quantize.json").read_text())
+    q = json.loads(out.with_name("quantize.json").read_text())
     assert q["constraints"]["pow2"]["requantized_from_int8"] == []
     assert all(is_pow2(numpy_helper.to_array(t)) for t in onnx.load(str(out)).graph.initializer
                if t.name.endswith("_scale"))

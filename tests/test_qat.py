@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ QAT_IMGSZ = 160  # the default model (trained at 320) exported and fine-tuned at
 
 
 def test_bad_input_is_one_clear_error(tmp_path, default_weights, synth_small):
-    from qbench.qat import qat
+    from qbench.qatrain import qat
 
     with pytest.raises(QbenchError, match="does not exist"):
         qat(tmp_path / "missing.pt", synth_small, tmp_path / "o1")
@@ -31,8 +32,8 @@ def test_bad_input_is_one_clear_error(tmp_path, default_weights, synth_small):
 @pytest.mark.slow
 def test_u8_activations_same_numbers_fused_kernels(tmp_path, default_onnx, calib):
     """int8 activations with zero point 0 rewritten as uint8 / 128: identical outputs, every conv a QLinearConv."""
-    from qbench.quantize.ort_engine import quantize_ort
-    from qbench.quantize.profile import apply_profile
+    from qbench.quantization.ort_engine import quantize_ort
+    from qbench.quantization.profile import apply_profile
     from qbench.runtime import ort_session
 
     rec = apply_profile("default", "npu-symmetric", "unfused").replace(calib_size=12)
@@ -59,11 +60,11 @@ def test_fake_quant_placement_matches_ptq_graph_pow2(tmp_path, default_weights, 
     import torch
 
     from qbench.models.load import load_checkpoint
-    from qbench.quantize.fallback import conv_layers
-    from qbench.quantize.ort_engine import quantize_ort
-    from qbench.quantize.profile import apply_profile
     from qbench.models.modules import module_for_node
-    from qbench.qat import QConv2d, prepare_qat, strip_qat
+    from qbench.qatrain import QConv2d, prepare_qat, strip_qat
+    from qbench.quantization.fallback import conv_layers
+    from qbench.quantization.ort_engine import quantize_ort
+    from qbench.quantization.profile import apply_profile
 
     rec = apply_profile("default", "npu-symmetric-pow2", None).replace(calib_size=12)  # fused, pow2
     quantize_ort(default_onnx, tmp_path / "int8.onnx", rec, calib)
@@ -106,12 +107,21 @@ def test_learned_ranges_start_at_ptq_train_and_export_exactly(tmp_path, default_
     import onnx
     import torch
 
-    from qbench.analysis.graph import activation_quantizers
+    from qbench.graph.qdq import activation_quantizers
     from qbench.models.load import load_checkpoint
-    from qbench.quantize.ort_engine import quantize_ort
-    from qbench.quantize.profile import apply_profile
-    from qbench.qat import (IN_RANGE_PARAM, RANGE_PARAM, QConv2d, learned_params, learned_scales, match_onnx,
-                            prepare_qat, strip_qat, write_learned_ranges)
+    from qbench.qatrain import (
+        IN_RANGE_PARAM,
+        RANGE_PARAM,
+        QConv2d,
+        learned_params,
+        learned_scales,
+        match_onnx,
+        prepare_qat,
+        strip_qat,
+        write_learned_ranges,
+    )
+    from qbench.quantization.ort_engine import quantize_ort
+    from qbench.quantization.profile import apply_profile
 
     rec = apply_profile("default", "npu-symmetric-pow2", "unfused").replace(calib_size=12)
     quantize_ort(default_onnx, tmp_path / "ptq.onnx", rec, calib, save_ranges=tmp_path / "ranges.json")
@@ -170,7 +180,7 @@ def test_learned_ranges_start_at_ptq_train_and_export_exactly(tmp_path, default_
 def test_tiny_qat_run_interrupted_resumes_and_exports_int8(tmp_path, default_weights, synth_small):
     import torch
 
-    from qbench.qat import IN_RANGE_PARAM, QAT_JSON, RANGE_PARAM, QConv2d, load_qat_model, qat
+    from qbench.qatrain import IN_RANGE_PARAM, QAT_JSON, RANGE_PARAM, QConv2d, load_qat_model, qat
 
     RANGES = (RANGE_PARAM, IN_RANGE_PARAM)
 
@@ -275,7 +285,7 @@ def test_tiny_qat_run_interrupted_resumes_and_exports_int8(tmp_path, default_wei
 def test_default_qat_keeps_the_ptq_ranges_distillation_adds_to_the_loss_equalize_matches(tmp_path, default_weights, synth_small):
     import torch
 
-    from qbench.qat import DistillLoss, qat
+    from qbench.qatrain import DistillLoss, qat
 
     seen = {}
 

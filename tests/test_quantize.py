@@ -1,4 +1,4 @@
-"""qbench.quantize: recipes, YOLO head detection, ONNX Runtime static INT8 (real exports, real ORT sessions)."""
+"""qbench.quantization: recipes, YOLO head detection, ONNX Runtime static INT8 (real exports, real ORT sessions)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import IMGSZ, REPO
 from onnx import TensorProto, helper
 
 from qbench.calibration import CalibrationReader
 from qbench.errors import QbenchError
-from qbench.quantize import Recipe, available_recipes, find_head, load_recipe, quantize_ort, recipe_from_dict
-from qbench.quantize import ort_engine
-from qbench.quantize.recipe import KEYS, write_recipe
-
-from conftest import IMGSZ, REPO
+from qbench.quantization import (
+    Recipe,
+    available_recipes,
+    find_head,
+    load_recipe,
+    ort_engine,
+    quantize_ort,
+    recipe_from_dict,
+)
+from qbench.quantization.recipe import KEYS, write_recipe
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -411,8 +417,9 @@ def test_other_histogram_methods_quantize(method, leaky_onnx, calib, tmp_path):
 
 def test_plain_ultralytics_dynamic_export(calib, tmp_path):
     """ultralytics' own dynamic=True export computes anchors from Shape ops at run time: still found and kept float."""
-    import qbench.ultra  # noqa: F401
     from ultralytics import YOLO
+
+    import qbench.ultra  # noqa: F401
 
     pt = tmp_path / "m.pt"
     YOLO(str(REPO / "configs" / "models" / "yolo11n-l3-leaky.yaml")).save(str(pt))
@@ -429,9 +436,9 @@ def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_p
     import onnxruntime as ort
 
     from qbench.calibration import CalibrationReader, load_manifest
+    from qbench.graph.detector import PREPARED_FP32, PREPARED_META, preparation_of
     from qbench.models.export import export_onnx
-    from qbench.quantize.equalize import channel_ranges, equalize, find_chains
-    from qbench.quantize.ort_engine import PREPARED_FP32, PREPARED_META, preparation_of
+    from qbench.quantization.equalize import channel_ranges, equalize, find_chains
     from qbench.runtime import ort_session
 
     fp32 = export_onnx(REPO / "results/training/synth-l3-leaky-320/weights/best.pt", tmp_path / "fp32.onnx",
@@ -463,7 +470,7 @@ def test_equalize_keeps_the_float_function_and_evens_channel_ranges(calib, tmp_p
     assert tag.startswith("equalize 0.5 ") and preparation_of(onnx.load(str(tmp_path / PREPARED_FP32))) == tag
     with pytest.raises(QbenchError, match="precomputed ranges"):
         quantize_ort(fp32, tmp_path / "x.onnx", rec, None, ranges=tmp_path / "ranges.json")
-    from qbench.quantize.fallback import conv_layers, keep_float
+    from qbench.quantization.fallback import conv_layers, keep_float
 
     with pytest.raises(QbenchError, match="equalize"):  # float fallback would mix rescaled and original weights
         keep_float(q, onnx.load(str(fp32)), conv_layers(q)[:1])
@@ -493,11 +500,11 @@ def test_shift_negative_keeps_the_float_function_and_gives_symmetric_int8_the_as
     import onnxruntime as ort
 
     from qbench.calibration import load_manifest
+    from qbench.graph.detector import PREPARED_FP32, PREPARED_META, preparation_of
     from qbench.models.export import export_onnx
-    from qbench.quantize.fallback import conv_layers, keep_float
-    from qbench.quantize.ort_engine import PREPARED_FP32, PREPARED_META, preparation_of
-    from qbench.quantize.profile import apply_profile
-    from qbench.quantize.shift import SHIFT_SUFFIX, shift_negative
+    from qbench.quantization.fallback import conv_layers, keep_float
+    from qbench.quantization.profile import apply_profile
+    from qbench.quantization.shift import SHIFT_SUFFIX, shift_negative
     from qbench.runtime import ort_session
 
     fp32 = export_onnx(REPO / "results/training/synth-l3-leaky-320/weights/best.pt", tmp_path / "fp32.onnx",

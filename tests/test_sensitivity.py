@@ -9,17 +9,17 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from conftest import run_cli
 
 from qbench.analysis.sensitivity import layer_sensitivity, output_error, ranking, spearman
 from qbench.calibration import load_manifest
 from qbench.errors import QbenchError
-from qbench.evaluate import EvalSettings, evaluate
-from qbench.quantize import quantize_max_drop, recipe_from_dict
-from qbench.quantize.fallback import all_edges, bypass, conv_layers, keep_float, quantize_only
-from qbench.quantize.inc_engine import optimized_op_counts
+from qbench.evaluation import EvalSettings, evaluate
+from qbench.mixed import quantize_max_drop
+from qbench.quantization import recipe_from_dict
+from qbench.quantization.fallback import all_edges, bypass, conv_layers, keep_float, quantize_only
+from qbench.quantization.inc_engine import optimized_op_counts
 from qbench.runtime import ort_session
-
-from conftest import run_cli
 
 # percentile 90 clips every activation hard: a drop large enough to test budgets with
 CLIPPING = {"method": "percentile", "percentile": 90.0, "calib_size": 12}

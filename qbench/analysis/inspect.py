@@ -44,14 +44,25 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..calibration import CalibrationReader
+from ..calibration import CalibrationReader, load_manifest
+from ..data.dataset import image_files, load_data_yaml
 from ..errors import QbenchError
 from ..files import write_json
+from ..graph.detector import PREPARED_FP32, check_detector, load_onnx, preparation_of
+from ..graph.qdq import (
+    QParams,
+    activation_census,
+    activation_quantizers,
+    fake_quant,
+    leaky_relus,
+    tensor_order,
+    weight_quantizers,
+)
+from ..graph.tap import TensorTap
 from ..progress import bar
-from .graph import TensorTap, activation_census, activation_quantizers, leaky_relus, tensor_order, weight_quantizers
 from .leaky import LeakyError, code_budget
 from .silu import SiluError, silus
-from .stats import DEFAULT_BINS, PERCENTILES, ErrorStats, QParams, TensorStats, fake_quant
+from .stats import DEFAULT_BINS, PERCENTILES, ErrorStats, TensorStats
 
 LAYER_COLUMNS = (
     ["depth", "tensor", "layer", "producer", "role", "dtype", "scale", "zero_point", "q_lo", "q_hi",
@@ -119,19 +130,6 @@ def _write_csv(rows: list[dict], columns: Sequence[str], path: Path) -> None:
     tmp.replace(path)
 
 
-def _load(path: Path, what: str):
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    if not Path(path).is_file():
-        raise QbenchError(f"{what} '{path}' does not exist; pass the .onnx that `qbench run` or `qbench quantize` "
-                          "wrote.")
-    try:
-        return onnx.load(str(path))
-    except DecodeError as e:
-        raise QbenchError(f"{what} '{path}' is not an ONNX model; pass the .onnx that `qbench run` wrote.") from e
-
-
 def _ahead(forward, images, imgsz: int, input_name: str):
     """Yield forward(x) image by image, computing the next image's while the caller works on the current one
     (ONNX Runtime and NumPy both release the GIL): at most two images' tensors are alive at once."""
@@ -160,12 +158,11 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
     `int8` is one INT8 QDQ model (files into `out`), or several as {name: (int8 path, out folder)}, e.g. a recipe
     and its NPU-profile variants: they share the FP32 statistics pass and each gets its own files.
     """
-    from ..quantize.ort_engine import PREPARED_FP32, check_detector, preparation_of
 
     fp32 = Path(fp32)
     models = ({str(k): (Path(v[0]), Path(v[1])) for k, v in int8.items()} if isinstance(int8, dict)
               else {"int8": (Path(int8), Path(out if out is not None else "."))})
-    fmodel = _load(fp32, "FP32 model")
+    fmodel = load_onnx(fp32, "FP32 model")
     info = check_detector(fmodel, fp32)
     imgsz = info["imgsz"]
     if imgsz is None:
@@ -174,7 +171,7 @@ def inspect_models(fp32: str | os.PathLike, int8: str | os.PathLike | dict, cali
     f_eq = preparation_of(fmodel)
     variants = {}
     for name, (path, folder) in models.items():
-        qmodel = _load(path, "INT8 model")
+        qmodel = load_onnx(path, "INT8 model")
         q_eq = preparation_of(qmodel)
         if q_eq != f_eq:  # recipe keys equalize and shift_negative rescale and shift tensors
             raise QbenchError(
@@ -422,7 +419,6 @@ def _jsonable(obj):
     return _finite(obj)
 
 
-
 def _resolve(run_dir: Path, recorded: str | None) -> Path | None:
     """A path recorded in run.json: relative to the run folder, else as a person typed it (cwd, ~)."""
     if not recorded:
@@ -467,10 +463,6 @@ def inspect_run(run_dir: str | os.PathLike | None = None, *, fp32: str | os.Path
     `variants`, the run's NPU-profile variants (profiles/*/int8.onnx) too, each into its own folder. A `qbench qat`
     folder: its PTQ and its QAT model, each against its own FP32 model (see _inspect_qat_run)."""
     import json
-
-    from ..calibration import load_manifest
-    from ..data.dataset import image_files, load_data_yaml
-    from ..quantize.ort_engine import PREPARED_FP32
 
     run = Path(run_dir) if run_dir else None
     info = {}

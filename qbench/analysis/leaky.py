@@ -25,7 +25,8 @@ import math
 
 import numpy as np
 
-from .stats import ErrorStats, QParams, fake_quant
+from ..graph.qdq import QParams, fake_quant
+from .stats import ErrorStats
 
 REMEDIES = {
     "fused": "fuse Conv+LeakyReLU (quantize only the activation's output)",

@@ -1,6 +1,6 @@
 """`qbench sensitivity`: which quantized layers cost accuracy, one layer at a time (AIMET QuantAnalyzer style).
 
-For every quantized Conv of an INT8 QDQ model (see `qbench.quantize.fallback` for what a layer's quantizers
+For every quantized Conv of an INT8 QDQ model (see `qbench.quantization.fallback` for what a layer's quantizers
 are), two edited models are run on a fixed set of proxy images (calibration images: never the scored split):
 
 - *damage*: the FP32 model with only this layer quantized;
@@ -32,10 +32,16 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..data.dataset import read_image
+from ..data.preprocess import letterbox, to_input
 from ..errors import QbenchError
+from ..evaluation import EvalSettings, evaluate
 from ..files import display_path, scratch, write_json
+from ..graph.detector import load_onnx
+from ..models.export import read_onnx_meta
 from ..progress import bar
-from ..quantize.fallback import Layer, conv_layers, keep_float, quantize_only
+from ..quantization.fallback import Layer, conv_layers, keep_float, quantize_only
+from ..runtime import ort_session
 
 DEFAULT_IMAGES = 8
 DEFAULT_TOP_K = 10
@@ -79,8 +85,6 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 
 def _inputs(images: Sequence[str | os.PathLike], imgsz: int) -> np.ndarray:
-    from ..data.dataset import read_image
-    from ..data.preprocess import letterbox, to_input
 
     return to_input([letterbox(read_image(Path(p)), imgsz)[0] for p in images])
 
@@ -92,7 +96,6 @@ class _Runner:
         self.x, self.threads, self.passes = x, threads, 0
 
     def __call__(self, model) -> np.ndarray:
-        from ..runtime import ort_session
 
         sess = ort_session(model if isinstance(model, bytes) else model.SerializeToString(), self.threads)
         name = sess.get_inputs()[0].name
@@ -104,8 +107,6 @@ class _Runner:
 def _map(model, path: Path, data, settings) -> float:
     """mAP50-95 of an (edited) model on the scoring split, through qbench's one evaluation path."""
     import onnx
-
-    from ..evaluate import evaluate
 
     onnx.save(model, str(path))
     try:
@@ -124,17 +125,13 @@ def layer_sensitivity(fp32: str | os.PathLike, int8: str | os.PathLike, images: 
     sensitivity.csv into `out` when given. Returns the JSON-able result (layers ranked by proxy recovery).
     """
 
-    from ..evaluate import EvalSettings
-    from ..models.export import read_onnx_meta
-    from .inspect import _load
-
     settings = settings or EvalSettings()
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise QbenchError(f"top-K {top_k!r} must be a whole number >= 0 (0: proxy only).")
     if not images:
         raise QbenchError("no proxy images; pass calibration images (e.g. a manifest from `qbench calib`).")
     t0 = time.perf_counter()
-    fmodel, qmodel = _load(Path(fp32), "FP32 model"), _load(Path(int8), "INT8 model")
+    fmodel, qmodel = load_onnx(Path(fp32), "FP32 model"), load_onnx(Path(int8), "INT8 model")
     layers = conv_layers(qmodel)
     if not layers:
         raise QbenchError(f"'{int8}' has no quantized convolution; pass the INT8 QDQ model `qbench quantize` wrote.")

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..graph.qdq import QParams, fake_quant
 from .leaky import FALLBACK_BELOW_DB, REMEDIES
-from .stats import ErrorStats, QParams, fake_quant
+from .stats import ErrorStats
 
 
 @dataclass
@@ -32,7 +33,7 @@ class SiluLayer:
 
 def silus(fp32_model, acts: dict) -> list[SiluLayer]:
     """SiLU (Sigmoid + Mul reading the same tensor) of a float graph, in graph order, with what the QDQ model
-    quantizes around each (`acts`: analysis.graph.activation_quantizers)."""
+    quantizes around each (`acts`: graph.qdq.activation_quantizers)."""
     producers = {o: n for n in fp32_model.graph.node for o in n.output}
     out = []
     for n in fp32_model.graph.node:

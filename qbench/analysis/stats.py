@@ -22,75 +22,17 @@ SQNR and cosine similarity between a reference tensor and its approximation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
+from ..graph.qdq import QParams, sqnr_db
+
 PERCENTILES = (0.01, 0.1, 1.0, 50.0, 99.0, 99.9, 99.99)
 DEFAULT_BINS = 2048
-INT_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
 CHUNK = 1 << 18  # elements per histogram step: stays in cache
 HIST_SAMPLES = 1 << 18  # elements of one tensor of one image that the histogram takes at most (1-in-k stride)
 _SCRATCH_F = np.empty(CHUNK, np.float32)
 _SCRATCH_I = np.empty(CHUNK, np.intp)
-
-
-@dataclass(frozen=True)
-class QParams:
-    """Per-tensor affine quantization: q = saturate(rint(x / scale) + zero_point) in [qmin, qmax]."""
-
-    scale: float
-    zero_point: int
-    qmin: int
-    qmax: int
-
-    @property
-    def dtype(self) -> str:
-        return "uint8" if self.qmin == 0 else "int8"
-
-    @property
-    def lo(self) -> float:
-        """Smallest representable value."""
-        return (self.qmin - self.zero_point) * self.scale
-
-    @property
-    def hi(self) -> float:
-        """Largest representable value."""
-        return (self.qmax - self.zero_point) * self.scale
-
-    @classmethod
-    def from_range(cls, lo: float, hi: float, dtype: str = "uint8", symmetric: bool = False) -> "QParams":
-        """The quantizer ONNX Runtime derives from a calibrated range (zero always representable)."""
-        qmin, qmax = INT_RANGES[dtype]
-        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-        if symmetric:
-            t = max(abs(lo), abs(hi))
-            span = 254 if dtype == "int8" else 255  # ORT scales symmetric int8 on [-127, 127]; -128 only saturates
-            scale = (2 * t) / span if t > 0 else 1.0
-            zp = (qmax + qmin + 1) // 2 if dtype == "uint8" else 0
-            return cls(scale, int(zp), qmin, qmax)
-        scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
-        zp = int(round(qmin - lo / scale))
-        return cls(scale, max(qmin, min(qmax, zp)), qmin, qmax)
-
-
-def fake_quant(x: np.ndarray, q: QParams) -> np.ndarray:
-    """QuantizeLinear then DequantizeLinear, as ONNX Runtime computes them (float32)."""
-    scale = np.float32(q.scale)
-    y = np.rint(x / scale) + np.float32(q.zero_point)
-    np.clip(y, q.qmin, q.qmax, out=y)
-    y -= np.float32(q.zero_point)
-    y *= scale
-    return y
-
-
-def sqnr_db(signal_power: float, noise_power: float) -> float:
-    """10 log10(signal / noise); inf when there is no noise."""
-    if noise_power <= 0:
-        return math.inf
-    if signal_power <= 0:
-        return -math.inf
-    return 10.0 * math.log10(signal_power / noise_power)
 
 
 class ErrorStats:

@@ -14,15 +14,14 @@ from pathlib import Path
 
 from ..errors import QbenchError
 from ..progress import bar
+from ..resources import shipped
 from . import synth
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_RUN = REPO / "results" / "training" / "synth-l3-leaky-320"
-DEFAULT_WEIGHTS = DEFAULT_RUN / "weights" / "best.pt"
+DEFAULT_WEIGHTS = shipped("default_model") / "best.pt"
 DEFAULT_SEED = 0
 DEFAULT_TRAIN, DEFAULT_VAL = 1200, 200
 # 512 stratified train images of the default set (`qbench calib --n 512 --out ...`); `qbench run` calibrates on it
-DEFAULT_CALIB = REPO / "calibration" / "synth-train-512.json"
+DEFAULT_CALIB = shipped("calibration") / "synth-train-512.json"
 
 
 def cache_dir() -> Path:

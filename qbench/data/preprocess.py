@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .dataset import read_image
+
 PAD_VALUE = 114
 
 
@@ -65,6 +67,5 @@ def to_input(images: list[np.ndarray]) -> np.ndarray:
 
 def load_batch(paths, imgsz: int) -> np.ndarray:
     """Image files -> the model's input batch (read, letterboxed to imgsz, float32 NCHW RGB in [0, 1])."""
-    from .dataset import read_image
 
     return to_input([letterbox(read_image(p), imgsz)[0] for p in paths])

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import QbenchError
 from ..files import sha256_file
+from ..safeload import load
 
 if TYPE_CHECKING:  # pragma: no cover
     from ultralytics import YOLO
@@ -72,7 +73,6 @@ def _check_archive(p: Path) -> None:
 
 def _read_checkpoint(p: Path) -> Any:
     from .. import ultra  # noqa: F401  (offline ultralytics before any ultralytics import)
-    from .safeload import load
 
     try:
         # only the classes a YOLO checkpoint holds are unpickled (safeload); anything else is refused unread
@@ -94,9 +94,9 @@ def _read_checkpoint(p: Path) -> Any:
 def _checked_model(p: Path, ckpt: Any):
     """The model a checkpoint holds (ultralytics' own choice: 'ema' first, then 'model'), or a QbenchError."""
     import torch
+    from ultralytics.nn.tasks import BaseModel, guess_model_task
 
     from .. import ultra  # noqa: F401
-    from ultralytics.nn.tasks import BaseModel, guess_model_task
 
     if not isinstance(ckpt, dict):
         raise QbenchError(f"'{p}' holds a {type(ckpt).__name__}, not an ultralytics checkpoint dict; "
@@ -179,9 +179,9 @@ def model_facts(yolo: "YOLO | str | os.PathLike", imgsz: int | None = None) -> d
         yolo = load_checkpoint(yolo)
 
     import torch
+    from ultralytics.utils.torch_utils import get_flops
 
     from .. import ultra  # noqa: F401
-    from ultralytics.utils.torch_utils import get_flops
 
     model = yolo.model
     if not isinstance(model, torch.nn.Module):

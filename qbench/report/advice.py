@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 
+from ..analysis.inspect import is_attention
 from ..files import display_path
 
 
@@ -99,7 +100,6 @@ def remedies(run: dict) -> dict:
 
     # ---- attention blocks
     if ins:
-        from ..analysis.inspect import is_attention
 
         worst = sorted((r for r in ins.get("layers", []) if r.get("role") == "quantized"),
                        key=lambda r: r["sqnr_isolated_db"] if isinstance(r["sqnr_isolated_db"], (int, float))

@@ -22,9 +22,11 @@ import re
 from pathlib import Path
 
 from .. import __version__
-from ..compare import ci_text
+from ..analysis import read_histograms
+from ..analysis.inspect import CHANNEL_SPREAD_FLAG, TAIL_FLAG, is_attention, range_diagnosis
+from ..comparison import ci_text
 from ..errors import QbenchError
-from ..quantize.recipe import recipe_label
+from ..quantization.recipe import recipe_label
 from . import plots
 from .advice import remedies
 
@@ -55,7 +57,6 @@ def _read_json(path: Path):
 def load_run(run_dir: str | os.PathLike, qat: dict | None = None) -> dict:
     """Everything a report needs from one run folder (`qbench run`, or `qbench qat`: then `qat` is its qat.json,
     read from the folder when not given)."""
-    from ..analysis import read_histograms
 
     d = Path(run_dir)
     if not (d / "compare.json").is_file():
@@ -114,6 +115,22 @@ def _accuracy_table(run: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _matrix_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Runs x INT8 variants: FP32 mAP50-95, then each variant's Δ [95% CI] (the activation matrix)."""
+    variants = list(dict.fromkeys(k for r in runs for k in r["compare"]["models"] if k != "fp32"))
+    rows = []
+    for r in runs:
+        models = r["compare"]["models"]
+        cells = [r["name"], _activations_text(next(iter(r["inspect"].values()))["summary"]) if r["inspect"]
+                 else ", ".join(f"{k} x{v}" for k, v in (r["model"].get("activations") or {}).items()) or "—",
+                 _fmt(models["fp32"]["metrics"]["mAP50-95"])]
+        for v in variants:
+            m = models.get(v)
+            cells.append("—" if m is None else f"{_fmt(m['delta']['mAP50-95'], signed=True)} {ci_text(m)}")
+        rows.append(cells)
+    return ["run", "activations", "FP32 mAP50-95", *variants], rows
+
+
 def _class_table(run: dict) -> tuple[list[str], list[list[str]]]:
     models = run["compare"]["models"]
     names = [p["class"] for p in models["fp32"]["per_class"]]
@@ -144,7 +161,6 @@ def _activations_text(s: dict) -> str:
 
 
 def _layer_summary(ins: dict) -> tuple[list[str], list[list[str]]]:
-    from ..analysis.inspect import range_diagnosis
 
     s = ins["summary"]
     causes = [range_diagnosis(r)[1] for r in ins["layers"] if r["role"] == "quantized" and r["producer"] != "input"]
@@ -157,7 +173,6 @@ def _layer_summary(ins: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def _range_note() -> str:
-    from ..analysis.inspect import CHANNEL_SPREAD_FLAG, TAIL_FLAG
 
     return (f"Range set by: 'channels' when a tensor's largest channel range is at least {CHANNEL_SPREAD_FLAG:g}x "
             f"its median one (per-channel equalization, recipe key equalize, can move it); 'rare values' when its "
@@ -166,7 +181,6 @@ def _range_note() -> str:
 
 
 def _worst_table(ins: dict, k: int = 10) -> tuple[list[str], list[list[str]]]:
-    from ..analysis.inspect import range_diagnosis
 
     rows = sorted((r for r in ins["layers"] if r["role"] == "quantized" and r["producer"] != "input"),
                   key=lambda r: plots._num(r["sqnr_isolated_db"]))[:k]
@@ -235,7 +249,6 @@ def _silu_table(ins: dict, k: int = 15) -> tuple[list[str], list[list[str]]]:
 
 
 def _attention_table(ins: dict) -> tuple[list[str], list[list[str]]]:
-    from ..analysis.inspect import is_attention, range_diagnosis
 
     rows = [r for r in ins["layers"] if r["role"] == "quantized" and is_attention(r)]
     return (["tensor", "op", "min", "max", "range set by", "isolated dB", "cumulative dB"],
@@ -399,6 +412,14 @@ def build(runs: list[dict]) -> tuple[str, str]:
         body.append(_html_table(ch, cr))
         bars += [(r["name"], k, v["delta"]["mAP50-95"]) for k, v in c["models"].items() if k != "fp32"]
     body.append(_img(plots.delta_bars(bars), "mAP50-95 change against FP32 per model variant"))
+    if len(runs) > 1:
+        head, rows = _matrix_table(runs)
+        note = ("Side by side: each run's FP32 mAP50-95 and, per INT8 variant, its change against that run's own "
+                "FP32 with the 95% interval (paired bootstrap over the scored images); — where a run has no such "
+                "variant.")
+        md += ["### All runs: Δ mAP50-95 per INT8 variant", "", note, "", _md(head, rows)]
+        body += ["<h3>All runs: Δ mAP50-95 per INT8 variant</h3>", f"<p class='muted'>{html.escape(note)}</p>",
+                 _html_table(head, rows)]
     for r in runs:
         vt = _variant_table(r)
         if vt:
