@@ -27,6 +27,7 @@ from .errors import QbenchError
 from .evaluation import EvalSettings, evaluate, format_table
 from .files import check_writable, sweep_scratch, write_json
 from .models.export import export_onnx
+from .peers import bench_peers
 from .pipeline import run as run_pipeline
 from .quantization.engines import IncConfig, engine_named
 from .quantization.recipe import MIN_CALIB
@@ -149,10 +150,13 @@ def eval_cmd(
     threads: Optional[int] = typer.Option(None, help="Inference threads (default: all cores)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write metrics.json here."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images (smoke tests)."),
+    runtime: str = typer.Option("ort", "--runtime", help="What runs the .onnx models: ort (ONNX Runtime's CPU EP) "
+                                "or openvino (OpenVINO's runtime, which runs Conv+activation fused in int8)."),
 ):
     """Evaluate a model: mAP50, mAP50-95, precision, recall and per-class AP, as `yolo val` computes them."""
 
-    settings = EvalSettings(split=split, imgsz=imgsz, batch=batch, conf=conf, iou=iou, threads=threads, limit=limit)
+    settings = EvalSettings(split=split, imgsz=imgsz, batch=batch, conf=conf, iou=iou, threads=threads, limit=limit,
+                            runtime=runtime)
     if out:
 
         check_writable(out.parent, "metrics.json")
@@ -274,12 +278,14 @@ def compare(
     both_fusions: bool = typer.Option(False, "--both-fusions", help="Each profile twice: fused and unfused."),
     allow_scored_calib: bool = typer.Option(False, "--allow-scored-calib", help="Accept a --calib manifest that "
                                             "holds images of the scored split (flatters INT8; recorded)."),
+    runtime: str = typer.Option("ort", "--runtime", help="What runs the .onnx models: ort (ONNX Runtime's CPU EP) "
+                                "or openvino (OpenVINO's runtime, which runs Conv+activation fused in int8)."),
 ):
     """FP32 vs INT8 through the same evaluation path: P, R, mAP50, mAP50-95, per-class deltas, latency, size.
 
     With --profile (no INT8 argument): quantize FP32 once per profile and compare every variant in one table."""
 
-    settings = EvalSettings(batch=batch, threads=threads)
+    settings = EvalSettings(batch=batch, threads=threads, runtime=runtime)
     if out:
 
         check_writable(out, "compare.json")
@@ -331,6 +337,8 @@ def run(
     both_fusions: bool = typer.Option(False, "--both-fusions", help="Each of --profiles twice: fused and unfused."),
     allow_scored_calib: bool = typer.Option(False, "--allow-scored-calib", help="Accept a --calib manifest that "
                                             "holds images of the scored split (flatters INT8; the summary says so)."),
+    runtime: str = typer.Option("ort", "--runtime", help="What runs the .onnx models: ort (ONNX Runtime's CPU EP) "
+                                "or openvino (OpenVINO's runtime, which runs Conv+activation fused in int8; without --profile/--fusion the INT8 model then gets that layout)."),
 ):
     """The main job: export FP32 ONNX, calibrate, quantize to INT8, evaluate both, compare; writes a run folder."""
 
@@ -340,7 +348,7 @@ def run(
     run_dir = run_pipeline(weights=weights, data=data, out=out, imgsz=imgsz, batch=batch, threads=threads,
                            recipe=recipe, calib=calib_manifest, baseline=baseline, profile=profile,
                            fusion=fusion, profiles=names, fusions=["fused", "unfused"] if both_fusions else None,
-                           progress=True, allow_scored_calib=allow_scored_calib)
+                           progress=True, allow_scored_calib=allow_scored_calib, runtime=runtime)
     typer.echo((run_dir / "summary.md").read_text())
     typer.echo(f"run folder: {run_dir}")
 
@@ -569,6 +577,24 @@ def bench_engines(
     """ONNX Runtime vs Intel Neural Compressor on one model: mAP, int8 convs in the optimized graph, latency."""
     typer.echo(benchmarks.bench_engines(weights, data, calib_manifest, out, recipe=recipe, tolerable_loss=tolerable_loss,
                          max_trials=max_trials, eval_images=eval_images, argv=sys.argv, progress=True))
+
+
+@bench_app.command("peers")
+def bench_peers_cmd(
+    weights: Path = typer.Argument(..., help="Trained checkpoint (best.pt)."),
+    data: Path = typer.Option(..., "--data", help="data.yaml: its val split is scored."),
+    calib_manifest: Path = typer.Option(..., "--calib", help="Calibration manifest (its first 128 images, for every "
+                                        "tool)."),
+    out: Path = typer.Option(..., "--out", help="Folder for peers.json and peers.md, e.g. results/bench/peers-NAME."),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="A second data.yaml scored too (e.g. from "
+                                           "`qbench data heldout`: more images, none used for calibration)."),
+    imgsz: Optional[int] = typer.Option(None, help="Default: the size the model was trained at."),
+    threads: Optional[int] = typer.Option(None),
+):
+    """qbench's INT8 models beside NNCF's, ONNX Runtime's quantize_static and ultralytics' export, each scored through
+    the runtime that runs it (ONNX Runtime or OpenVINO), speed against the FP32 model on ONNX Runtime."""
+    typer.echo(bench_peers(weights, data, calib_manifest, out, heldout=heldout, imgsz=imgsz, threads=threads,
+                           argv=sys.argv, progress=True))
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from .evaluation import RESAMPLES, EvalSettings, delta_interval, evaluate
 from .files import scratch, write_json
 from .graph.qdq import quantize_nodes
 from .quantization import apply_profile, load_profile, load_recipe, quantize_ort
-from .runtime import Detector, default_threads, int8_host, open_model
+from .runtime import Detector, check_runtime, default_threads, int8_host, open_model, runtime_versions
 
 METRICS = ("precision", "recall", "mAP50", "mAP50-95")
 
@@ -72,9 +72,11 @@ def measure_latency(dets: dict[str, Detector], sample: np.ndarray, batch: int = 
 
 def compare(fp32: str | Path, int8: str | Path | None, data: str | Path, settings: EvalSettings = EvalSettings(),
             progress: bool = False, extra: dict[str, Path] | None = None, rounds: int = 20,
-            keep_stats: bool = False) -> dict:
+            keep_stats: bool = False, runtimes: dict[str, str] | None = None) -> dict:
     """Evaluate FP32, INT8 (and any `extra` models; int8 None: only those) the same way; deltas are against FP32.
 
+    Each .onnx runs on `settings.runtime`, or on `runtimes[name]` (e.g. an INT8 model on OpenVINO against the
+    FP32 model on ONNX Runtime); every row records its runtime, and accuracy and latency both come from it.
     keep_stats: also return every model's per-image matches under "image_stats" (not JSON; for `delta_interval`
     between two of the models)."""
 
@@ -84,7 +86,8 @@ def compare(fp32: str | Path, int8: str | Path | None, data: str | Path, setting
     models = {"fp32": Path(fp32), **({"int8": Path(int8)} if int8 is not None else {}),
               **{k: Path(v) for k, v in (extra or {}).items()}}
     threads = settings.threads or default_threads()
-    dets = {k: open_model(p, threads) for k, p in models.items()}  # one session per model, for both uses
+    runtime_of = {k: check_runtime((runtimes or {}).get(k, settings.runtime)) for k in models}
+    dets = {k: open_model(p, threads, runtime_of[k]) for k, p in models.items()}  # one session each, for both uses
     results = {k: evaluate(det, data, settings, progress=progress, keep_stats=True) for k, det in dets.items()}
     stats = {k: r.pop("image_stats") for k, r in results.items()}
     spec = load_data_yaml(data, require=(settings.split,))
@@ -96,6 +99,7 @@ def compare(fp32: str | Path, int8: str | Path | None, data: str | Path, setting
     for k, r in results.items():
         rows[k] = {
             "model": str(models[k]),
+            "runtime": dets[k].runtime,
             "metrics": r["metrics"],
             "delta": {m: r["metrics"][m] - base["metrics"][m] for m in METRICS},
             # paired bootstrap over the images: what these images can resolve (see evaluate.delta_interval)
@@ -109,8 +113,8 @@ def compare(fp32: str | Path, int8: str | Path | None, data: str | Path, setting
         }
     for k in rows:
         rows[k]["speedup_batch1"] = round(latency["fp32"]["batch1_median_ms"] / latency[k]["batch1_median_ms"], 3)
-    out = {"data": base["data"], "settings": base["settings"], "threads": threads, "host": int8_host(), "models": rows,
-           "evaluations": results}
+    out = {"data": base["data"], "settings": base["settings"], "threads": threads, "host": int8_host(),
+           "runtimes": runtime_versions(d.runtime for d in dets.values()), "models": rows, "evaluations": results}
     if keep_stats:
         out["image_stats"] = stats
     return out
@@ -189,14 +193,20 @@ def compare_md(c: dict) -> str:
     lines = [f"{c['data']['images']} images of `{c['data']['yaml']}` ({c['data']['split']}), imgsz {s['imgsz']}, "
              f"conf {s['conf']}, iou {s['iou']}, {c['threads']} threads."]
     if c.get("host"):  # files written before qbench recorded it have none
-        lines.append(f"CPU: {c['host']['cpu']}; int8 kernels: {c['host']['int8_kernels']}.")
+        ort = "ort" in (c.get("runtimes") or {"ort": ""})
+        lines.append(f"CPU: {c['host']['cpu']}" + (f"; ONNX Runtime int8 kernels: {c['host']['int8_kernels']}." if ort
+                                                    else "."))
+    if c.get("runtimes"):
+        lines.append(f"Runtime: {', '.join(c['runtimes'].values())}"
+                     + ("; each model's in its row." if len(c["runtimes"]) > 1 else "."))
     lines += ["", f"| model | P | R | mAP50 | mAP50-95 | Δ mAP50-95 | Δ 95% CI | batch-1 ms (median) | speedup | "
               f"batch-{s['batch']} img/s | size MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in c["models"].items():
         m, lat = r["metrics"], r["latency"]
         d = "—" if k == "fp32" else f"{r['delta']['mAP50-95']:+.4f}"
-        lines.append(f"| {k} | {m['precision']:.3f} | {m['recall']:.3f} | {m['mAP50']:.4f} | {m['mAP50-95']:.4f} | "
+        name = f"{k} ({r['runtime']})" if len(c.get("runtimes") or {}) > 1 else k
+        lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['mAP50']:.4f} | {m['mAP50-95']:.4f} | "
                      f"{d} | {ci_text(r)} | {lat['batch1_median_ms']:.1f} | {r['speedup_batch1']:.2f}x | "
                      f"{lat[b]:.1f} | {r['size_mb']:.1f} |")
     lines += ["", f"Δ 95% CI: paired bootstrap over the images ({RESAMPLES} resamples); an interval holding 0 is a "

@@ -24,7 +24,7 @@ from .data.preprocess import letterbox, to_input
 from .errors import QbenchError
 from .files import display_path, sha256_file
 from .progress import bar
-from .runtime import Detector, open_model
+from .runtime import Detector, check_runtime, open_model
 
 LOG = logging.getLogger("qbench")
 
@@ -39,6 +39,7 @@ class EvalSettings:
     max_det: int = 300
     threads: int | None = None
     limit: int | None = None  # evaluate only the first N images (smoke tests)
+    runtime: str = "ort"  # what runs an .onnx: ONNX Runtime ("ort") or OpenVINO ("openvino")
 
     def __post_init__(self):
         def whole(name, v, lo, none_ok=False):
@@ -53,6 +54,7 @@ class EvalSettings:
         whole("--threads", self.threads, 1, none_ok=True)
         whole("--imgsz", self.imgsz, 32, none_ok=True)
         whole("max_det", self.max_det, 1)
+        check_runtime(self.runtime)
         for name, v in (("--conf", self.conf), ("--iou", self.iou)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise QbenchError(f"{name} {v!r} must be a number between 0 and 1.")
@@ -105,7 +107,7 @@ def evaluate(model: str | Path | Detector, data: str | Path, settings: EvalSetti
     import qbench.ultra  # noqa: F401  (ultralytics offline)
 
     spec = load_data_yaml(data, require=(settings.split,))
-    det = model if isinstance(model, Detector) else open_model(model, settings.threads)
+    det = model if isinstance(model, Detector) else open_model(model, settings.threads, settings.runtime)
     if len(det.names) != spec.nc:
         raise QbenchError(f"Model '{det.path}' predicts {len(det.names)} classes but '{spec.yaml_path}' has {spec.nc}; "
                           "evaluate it on the data it was trained for.")
@@ -224,7 +226,8 @@ def _result(det, spec, files, settings, imgsz, batch, metrics, wall, t_pre, t_in
         per_class.append(row)
     n = len(files)
     return {
-        "model": {"path": display_path(det.path), "format": det.kind, "sha256": sha256_file(det.path)},
+        "model": {"path": display_path(det.path), "format": det.kind, "runtime": det.runtime,
+                  "sha256": sha256_file(det.path)},
         "data": {"yaml": display_path(spec.yaml_path), "split": settings.split, "images": n,
                  "instances": int(metrics.nt_per_class.sum()),
                  **({"class_names_differ": [{"id": i, "model": a, "data": b} for i, a, b in renamed]}

@@ -51,13 +51,16 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
         batch: int = 16, threads: int | None = None, recipe: str | Path | None = None, calib: Path | None = None,
         baseline: bool = False, profile: str | Path | None = None, fusion: str | None = None,
         profiles: list[str] | None = None, fusions: list[str] | None = None, progress: bool = False,
-        allow_scored_calib: bool = False) -> Path:
+        allow_scored_calib: bool = False, runtime: str = "ort") -> Path:
     """`qbench run`. `recipe` (+ `profile`, `fusion`) makes int8.onnx; each of `profiles` (x `fusions`) adds a
     variant under profiles/PROFILE-FUSION/, scored in the same table. A `calib` manifest that holds images of the
-    scored (val) split is refused unless `allow_scored_calib`."""
+    scored (val) split is refused unless `allow_scored_calib`. `runtime` runs every .onnx (ONNX Runtime or OpenVINO);
+    without a profile or fusion, the INT8 model gets the most accurate layout that runtime runs in int8 (see
+    `default_layout`)."""
 
-    settings = EvalSettings(batch=batch, threads=threads)  # bad --batch/--threads: refused before any work
-    rec = apply_profile(recipe, profile, fusion)  # the recipe itself without profile and fusion; checked first
+    settings = EvalSettings(batch=batch, threads=threads, runtime=runtime)  # bad values: refused before any work
+    layout = default_layout(runtime) if profile is None and fusion is None else None
+    rec = apply_profile(recipe, *(layout["profile"], layout["fusion"]) if layout else (profile, fusion))
     variants = profile_variants(recipe, profiles, fusions) if profiles else {}
     weights = Path(weights) if weights else default_weights()
     if data is None and calib is None:  # the embedded set calibrates on its committed manifest (hash-verified)
@@ -119,6 +122,7 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
                 "weights": display_path(weights), "data": display_path(spec.yaml_path),
                 "recipe": recipe_label(rec),
                 "calibration": calib_shown, "calibration_check": overlap or {"split": "train", "in_scored_split": 0},
+                "runtime": runtime, "layout": layout["why"] if layout else None,
                 "timings": timings, "python": platform.python_version()}
         write_json(info, stage / "run.json")
         (stage / "summary.md").write_text(summary_md(facts, evaluations["fp32"], cmp, qreport, info))
@@ -161,6 +165,17 @@ def _publish(stage: Path, out: Path, auto: bool) -> Path:
     raise QbenchError(f"could not find a free run folder name in '{out.parent}'; pass --out.")
 
 
+def default_layout(runtime: str) -> dict | None:
+    """The INT8 layout `qbench run` picks when none is asked for: the most accurate one the runtime runs at int8
+    speed. ONNX Runtime's CPU EP has int8 kernels for Conv then LeakyReLU/SiLU each requantized (its own QDQ
+    layout) and none for a fused Conv+activation, which it runs in float; OpenVINO fuses Conv+activation in int8,
+    and keeping the Conv output unrequantized is what the fused layout's accuracy comes from (docs/runtimes.md)."""
+    if runtime == "openvino":
+        return {"profile": "cpu", "fusion": "fused",
+                "why": "OpenVINO: Conv+activation fused (the most accurate layout it runs in int8)"}
+    return None  # ORT: the recipe as given (its layout: Conv output requantized before the activation)
+
+
 def summary_md(facts: dict, fp32: dict, cmp: dict, qreport: dict, info: dict) -> str:
 
     d = fp32["data"]
@@ -178,7 +193,8 @@ def summary_md(facts: dict, fp32: dict, cmp: dict, qreport: dict, info: dict) ->
         f"- INT8: ONNX Runtime static QDQ, recipe `{info['recipe']}` (see recipe.yaml), calibrated on "
         f"{qreport.get('calibration', {}).get('images', '?')} {calib_split} images (`{info['calibration']}`)"
         + (f"; **{check['in_scored_split']} of the calibration images are in the scored split** "
-           "(--allow-scored-calib): INT8 accuracy here is flattered" if check.get("in_scored_split") else ""),
+           "(--allow-scored-calib): INT8 accuracy here is flattered" if check.get("in_scored_split") else "")
+        + (f"; layout picked for the runtime: {info['layout']}" if info.get("layout") else ""),
         "",
         compare_md(cmp),
     ]

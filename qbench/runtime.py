@@ -144,6 +144,9 @@ def ort_session(path: str | Path | bytes, threads: int | None = None, optimize: 
                           "re-export it with `qbench export`.") from e
 
 
+RUNTIMES = ("ort", "openvino")  # what runs an .onnx: ONNX Runtime's CPU EP, or OpenVINO's own runtime
+
+
 @dataclass
 class Detector:
     path: Path
@@ -153,24 +156,73 @@ class Detector:
     dynamic_batch: bool
     forward: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     threads: int = 1
+    runtime: str = "ort"  # "ort", "openvino" (an .onnx) or "torch" (a .pt)
 
 
-def _open_onnx(path: Path, threads: int | None) -> Detector:
+RUNTIME_NAMES = {"ort": "ONNX Runtime (CPU EP)", "openvino": "OpenVINO (CPU)", "torch": "PyTorch"}
 
+
+def runtime_versions(used) -> dict[str, str]:
+    """{runtime: 'ONNX Runtime (CPU EP) 1.32.0'} for the runtimes in `used`."""
+    out = {}
+    for r in sorted(set(used)):
+        if r == "ort":
+            import onnxruntime as mod
+        elif r == "openvino":
+            import openvino as mod
+        else:
+            import torch as mod
+        out[r] = f"{RUNTIME_NAMES[r]} {mod.__version__.split('-')[0]}"
+    return out
+
+
+def check_runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise QbenchError(f"--runtime {runtime!r} is not a runtime qbench runs; use {' or '.join(RUNTIMES)}.")
+    return runtime
+
+
+def openvino_compiled(path: str | Path, threads: int | None = None):
+    """An OpenVINO CPU compilation of an ONNX model (OpenVINO reads QDQ ONNX directly and runs its Conv+activation
+    groups in int8), latency-oriented, with a fixed thread count."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise QbenchError("--runtime openvino needs the openvino package (pip install openvino).") from e
+    core = ov.Core()
+    try:
+        return core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads or default_threads(),
+                                                     "PERFORMANCE_HINT": "LATENCY"})
+    except RuntimeError as e:
+        raise QbenchError(f"OpenVINO cannot compile '{path}' ({str(e).splitlines()[0][:200]}); re-export it with "
+                          "`qbench export`.") from e
+
+
+def _open_onnx(path: Path, threads: int | None, runtime: str = "ort") -> Detector:
     meta = read_onnx_meta(path)
-    sess = ort_session(path, threads)
-    inp = sess.get_inputs()[0]
-    shape = inp.shape
+    if runtime == "openvino":
+        compiled = openvino_compiled(path, threads)
+        port = compiled.input(0)
+        shape = list(port.get_partial_shape())
+        request = compiled.create_infer_request()
+        dynamic = shape and shape[0].is_dynamic
+
+        def forward(batch: np.ndarray) -> np.ndarray:
+            return request.infer({0: batch})[compiled.output(0)]
+    else:
+        sess = ort_session(path, threads)
+        inp = sess.get_inputs()[0]
+        shape = inp.shape
+        name = inp.name
+        dynamic = not isinstance(shape[0], int)
+
+        def forward(batch: np.ndarray) -> np.ndarray:
+            return sess.run(None, {name: batch})[0]
     if len(shape) != 4:
         raise QbenchError(f"'{path}' takes a {len(shape)}-D input, not an image batch (N, 3, H, W); "
                           "it is not a YOLO detector exported by ultralytics or qbench.")
-    name = inp.name
-    dynamic = not isinstance(shape[0], int)
-
-    def forward(batch: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: batch})[0]
-
-    return Detector(path, "onnx", meta["names"], meta["imgsz"], dynamic, forward, threads or default_threads())
+    return Detector(path, "onnx", meta["names"], meta["imgsz"], bool(dynamic), forward, threads or default_threads(),
+                    runtime)
 
 
 def _open_pt(path: Path, threads: int | None) -> Detector:
@@ -190,16 +242,17 @@ def _open_pt(path: Path, threads: int | None) -> Detector:
         out = out[0] if isinstance(out, (list, tuple)) else out
         return out.numpy()
 
-    return Detector(path, "pt", names, imgsz, True, forward, n_threads)
+    return Detector(path, "pt", names, imgsz, True, forward, n_threads, "torch")
 
 
-def open_model(path: str | Path, threads: int | None = None) -> Detector:
-    """A detector for a `.onnx` or `.pt` file."""
+def open_model(path: str | Path, threads: int | None = None, runtime: str = "ort") -> Detector:
+    """A detector for a `.onnx` (run by `runtime`: ONNX Runtime or OpenVINO) or `.pt` (PyTorch) file."""
     p = Path(path)
+    check_runtime(runtime)
     if not p.exists():
         raise QbenchError(f"Model file '{p}' does not exist; pass a trained .pt or an exported .onnx.")
     if p.suffix.lower() == ".onnx":
-        return _open_onnx(p, threads)
+        return _open_onnx(p, threads, runtime)
     if p.suffix.lower() == ".pt":
         return _open_pt(p, threads)
     raise QbenchError(f"'{p}' is neither a .pt checkpoint nor an .onnx model; qbench evaluates those two formats.")
