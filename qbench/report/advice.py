@@ -75,10 +75,11 @@ def remedies(run: dict) -> dict:
                             f"(`qbench inspect`)")
         apply.append({"remedy": "fused Conv+activation layout (a profile with --fusion fused)", "why": why,
                       "measured": "; ".join(measured) or "not measured in this run",
-                      "command": f"qbench compare {fp32} --data {data} --calib {calib} --profile cpu --both-fusions "
-                                 f"--out {display_path(run['dir'])}/fusion",
-                      "note": "ONNX Runtime's x86 CPU EP has no int8 Conv+activation kernel: the fused model runs "
-                              "there at about float speed; an NPU (or OpenVINO) runs it in int8."})
+                      "command": f"qbench compare {fp32} --data {data} --calib {calib} --profile cpu --fusion fused "
+                                 f"--runtime openvino --out {display_path(run['dir'])}/fusion",
+                      "note": "ONNX Runtime's x86 CPU EP has no int8 Conv+activation kernel and runs the fused model "
+                              "at about float speed; OpenVINO (--runtime openvino) and NPUs run it in int8 "
+                              "(docs/runtimes.md)."})
 
     # ---- mixed precision
     if run.get("mixed"):
