@@ -31,7 +31,7 @@ from .mixed import quantize_max_drop
 from .models.export import export_onnx
 from .pipeline import run as _run
 from .quantization.engines import IncConfig, engine_for, is_weights
-from .quantization.profile import apply_profile
+from .quantization.profile import apply_profile, load_profile
 from .quantization.recipe import Recipe, recipe_label
 
 PathLike = str | os.PathLike
@@ -261,18 +261,25 @@ def quantize_with_accuracy_control(model: PathLike, out: PathLike, config: str |
                                    calib: CalibrationSet | PathLike | list | None = None,
                                    profile: str | None = None, fusion: str | None = None,
                                    max_float: int | None = None, threads: int | None = None,
-                                   allow_scored_calib: bool = False, progress: bool = False) -> MixedResult:
-    """Quantize, then keep the fewest convs in FP32 (sensitivity-ranked) until mAP50-95 on data's val split drops
-    by at most `max_drop` points (0.3 = 0.003); writes mixed.json and sensitivity.csv/json beside `out`, and the
-    model only when the budget is met. (The metric is qbench's own mAP50-95 on `data`.)"""
+                                   allow_scored_calib: bool = False, progress: bool = False,
+                                   fallback: str = "float") -> MixedResult:
+    """Quantize, then move the fewest convs (sensitivity-ranked) from INT8 to `fallback` precision ("float", or
+    "int16" where the profile's target lists it) until mAP50-95 on data's val split drops by at most `max_drop`
+    points (0.3 = 0.003); writes mixed.json and sensitivity.csv/json beside `out`, and the model only when the
+    budget is met. (The metric is qbench's own mAP50-95 on `data`.)"""
     out = Path(out)
     cfg = _config(config, profile, fusion)
     if isinstance(cfg, IncConfig):
         raise QbenchError("accuracy control keeps ONNX Runtime layers in FP32; pass a recipe, not an IncConfig.")
+    target = load_profile(profile) if profile is not None else None
+    if fallback == "int16" and target is not None and "int16" not in target.int_types:
+        p = target
+        raise QbenchError(f"--fallback int16: target {p.name} runs only {', '.join(p.int_types)} (its int_types); "
+                          "use --fallback float, or a profile whose target lists int16.")
     _, fp32, cal = _prepare(model, out, cfg, calib, data)
     m = quantize_max_drop(fp32, out, cfg, cal, data, max_drop, max_float=max_float,
                           settings=EvalSettings(threads=threads), progress=progress, threads=threads,
-                          allow_scored_calib=allow_scored_calib)
+                          allow_scored_calib=allow_scored_calib, fallback=fallback)
     return MixedResult(out if m.get("met") else None, bool(m.get("met")), m.get("float_layers", []), m)
 
 

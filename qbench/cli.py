@@ -15,6 +15,7 @@ import typer
 from . import api, safeload
 from . import bench as benchmarks
 from .analysis import inspect_run
+from .analysis.ops import ops_md, ops_report
 from .analysis.sensitivity import layer_sensitivity
 from .bench import bench_calib_memory as run_memory
 from .bench import bench_eval as run_bench
@@ -25,7 +26,7 @@ from .comparison import compare_md, compare_profiles
 from .data.default import default_data, synth_dataset
 from .errors import QbenchError
 from .evaluation import EvalSettings, evaluate, format_table
-from .files import check_writable, sweep_scratch, write_json
+from .files import check_writable, command_line, sweep_scratch, write_json
 from .models.export import export_onnx
 from .peers import bench_peers
 from .pipeline import run as run_pipeline
@@ -206,8 +207,11 @@ def quantize(
                                              "drop on --data's val split is within it (mixed.json, sensitivity.csv "
                                              "go next to --out). --data is then the scored data; calibration comes "
                                              "from --calib, else from its train split."),
-    max_float: Optional[int] = typer.Option(None, "--max-float", help="With --max-drop: most convs allowed back "
-                                            "in FP32 (default: 10% of the quantized convs)."),
+    max_float: Optional[int] = typer.Option(None, "--max-float", help="With --max-drop: most convs allowed out "
+                                            "of INT8 (default: 10% of the quantized convs)."),
+    fallback: str = typer.Option("float", "--fallback", help="With --max-drop: the precision a conv leaves INT8 "
+                                 "for: float (FP32, on the host CPU of an NPU) or int16 (16-bit Q/DQ, for targets "
+                                 "whose int_types list int16)."),
     engine: str = typer.Option("ort", "--engine", help="ort: ONNX Runtime static QDQ with the recipe/profile; inc: "
                                "Intel Neural Compressor's mAP-driven autotune of the .pt (needs --data), exported to "
                                "an ONNX with int8 convs."),
@@ -223,8 +227,8 @@ def quantize(
     if eng.name == "inc" and (max_drop is not None or profile or fusion or recipe != "default"):
         raise QbenchError("--engine inc tunes on its own (--tolerable-loss); --recipe, --profile, --fusion and "
                           "--max-drop are ONNX Runtime engine options.")
-    if max_drop is None and max_float is not None:
-        raise QbenchError("--max-float only applies with --max-drop.")
+    if max_drop is None and (max_float is not None or fallback != "float"):
+        raise QbenchError("--max-float and --fallback only apply with --max-drop.")
     if max_drop is None and eng.name == "ort" and (calib_manifest is None) == (data is None):
         raise QbenchError("pass exactly one of --calib MANIFEST.json or --data DATA.yaml for the calibration images.")
     config = IncConfig(tolerable_loss=tolerable_loss, max_trials=max_trials) if eng.name == "inc" else recipe
@@ -233,12 +237,13 @@ def quantize(
             raise QbenchError("--max-drop needs --data DATA.yaml: the budget is measured on its val split.")
         r = api.quantize_with_accuracy_control(model, out, config, data=data, max_drop=max_drop, calib=calib_manifest,
                                                profile=profile, fusion=fusion, max_float=max_float, threads=threads,
-                                               allow_scored_calib=allow_scored_calib, progress=True)
+                                               allow_scored_calib=allow_scored_calib, progress=True,
+                                               fallback=fallback)
         m = r.report
         typer.echo(f"wrote {out}: mAP50-95 {m['fp32_mAP50-95']:.4f} FP32, {m['int8_mAP50-95']:.4f} all-INT8 "
                    f"(-{m['drop_points']['int8']} points), {m['mixed_mAP50-95']:.4f} mixed "
                    f"(-{m['drop_points']['mixed']} points, budget {max_drop}) with {len(m['float_layers'])} of "
-                   f"{m['quantized_convs']} convs in FP32:")
+                   f"{m['quantized_convs']} convs in {'INT16' if fallback == 'int16' else 'FP32'}:")
         for f in m["float_layers"]:
             typer.echo(f"  {f['layer']}: {f['why']}")
         typer.echo(f"details: {out.parent / 'mixed.json'}, {out.parent / 'sensitivity.csv'}")
@@ -339,6 +344,10 @@ def run(
                                             "holds images of the scored split (flatters INT8; the summary says so)."),
     runtime: str = typer.Option("ort", "--runtime", help="What runs the .onnx models: ort (ONNX Runtime's CPU EP) "
                                 "or openvino (OpenVINO's runtime, which runs Conv+activation fused in int8; without --profile/--fusion the INT8 model then gets that layout)."),
+    targets: Optional[list[str]] = typer.Option(None, "--target", help="NPU target (configs/npu/ name or YAML) "
+                                                "that lists its operators: which ops of the model it runs (ops.json, "
+                                                "a report section), and, if it sets its arithmetic, a variant "
+                                                "quantized under it. Repeat for several."),
 ):
     """The main job: export FP32 ONNX, calibrate, quantize to INT8, evaluate both, compare; writes a run folder."""
 
@@ -348,7 +357,7 @@ def run(
     run_dir = run_pipeline(weights=weights, data=data, out=out, imgsz=imgsz, batch=batch, threads=threads,
                            recipe=recipe, calib=calib_manifest, baseline=baseline, profile=profile,
                            fusion=fusion, profiles=names, fusions=["fused", "unfused"] if both_fusions else None,
-                           progress=True, allow_scored_calib=allow_scored_calib, runtime=runtime)
+                           progress=True, allow_scored_calib=allow_scored_calib, runtime=runtime, targets=targets)
     typer.echo((run_dir / "summary.md").read_text())
     typer.echo(f"run folder: {run_dir}")
 
@@ -450,6 +459,34 @@ def qat(
     typer.echo(f"{k['QLinearConv']} of {k['quantized_convs']} quantized convs run as QLinearConv; QAT ONNX vs "
                f"PyTorch fake-quant: {m['ort_optimized']['sqnr_db']:.1f} dB SQNR")
     typer.echo(f"wrote {out}/qat.json, summary.md, report.html")
+
+
+@app.command()
+def ops(
+    models: list[str] = typer.Argument(..., help="Models: .onnx, .pt, or model YAMLs (a configs/models name, an "
+                                       "ultralytics one like yolo11n.yaml, or a path)."),
+    targets: Optional[list[str]] = typer.Option(None, "--target", help="Target (configs/npu/ name or YAML) whose "
+                                                "operator list to check against; repeat; default: every shipped "
+                                                "target that lists operators."),
+    expect_activation: Optional[str] = typer.Option(None, "--expect-activation", help="Check that every activation "
+                                                    "is this one, e.g. 'LeakyReLU(0.1)', 'ReLU', 'SiLU'; exits 1 "
+                                                    "listing each offender."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for ops.json and ops.md."),
+    imgsz: Optional[int] = typer.Option(None, help="Export size for .pt/YAML models (default: trained size / 640)."),
+):
+    """Which operators of a model each NPU target runs, what falls back to the CPU and why, how often the graph
+    crosses between them; and (--expect-activation) the activation verifier."""
+    r = ops_report(models, targets, out, expect_activation, imgsz, command=command_line())
+    typer.echo(ops_md(r))
+    if out:
+        typer.echo(f"wrote {out}/ops.json, ops.md")
+    bad = [m for m in r["models"] if m.get("offenders")]
+    if bad:
+        for m in bad:
+            _say(f"{m['model']}: {len(m['offenders'])} activations are not {expect_activation}:")
+            for o in m["offenders"]:
+                _say(f"  {o['layer']}: {o['type']}" + (f"({o['param']:g})" if o["param"] is not None else ""))
+        raise typer.Exit(1)
 
 
 @app.command()

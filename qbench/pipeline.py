@@ -22,7 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnx
+from onnx import shape_inference
+
 from . import __version__
+from .analysis.ops import analyse, targets_with_ops
 from .calibration import build_manifest, save_manifest, scored_overlap
 from .comparison import compare, compare_md, profile_variants, quantize_variants
 from .data.dataset import image_files, load_data_yaml, scored_labels
@@ -32,7 +36,7 @@ from .evaluation import EvalSettings
 from .files import check_writable, command_line, display_path, write_json
 from .models.export import export_onnx
 from .models.load import load_checkpoint, model_facts
-from .quantization import apply_profile, quantize_ort
+from .quantization import apply_profile, load_profile, quantize_ort
 from .quantization.baseline import ultralytics_int8
 from .quantization.recipe import recipe_label
 
@@ -51,17 +55,25 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
         batch: int = 16, threads: int | None = None, recipe: str | Path | None = None, calib: Path | None = None,
         baseline: bool = False, profile: str | Path | None = None, fusion: str | None = None,
         profiles: list[str] | None = None, fusions: list[str] | None = None, progress: bool = False,
-        allow_scored_calib: bool = False, runtime: str = "ort") -> Path:
+        allow_scored_calib: bool = False, runtime: str = "ort", targets: list[str] | None = None) -> Path:
     """`qbench run`. `recipe` (+ `profile`, `fusion`) makes int8.onnx; each of `profiles` (x `fusions`) adds a
     variant under profiles/PROFILE-FUSION/, scored in the same table. A `calib` manifest that holds images of the
     scored (val) split is refused unless `allow_scored_calib`. `runtime` runs every .onnx (ONNX Runtime or OpenVINO);
     without a profile or fusion, the INT8 model gets the most accurate layout that runtime runs in int8 (see
-    `default_layout`)."""
+    `default_layout`). Each of `targets` (NPU targets that list operators) adds its op-support analysis of the FP32
+    graph (ops.json) and, when the target also sets the integer arithmetic, a variant quantized under it."""
 
     settings = EvalSettings(batch=batch, threads=threads, runtime=runtime)  # bad values: refused before any work
     layout = default_layout(runtime) if profile is None and fusion is None else None
     rec = apply_profile(recipe, *(layout["profile"], layout["fusion"]) if layout else (profile, fusion))
-    variants = profile_variants(recipe, profiles, fusions) if profiles else {}
+    loaded_targets = [load_profile(t) for t in targets or []]
+    for t in loaded_targets:
+        if t.ops is None:
+            raise QbenchError(f"--target {t.name} lists no operators (it is an arithmetic profile); pass it to "
+                              f"--profiles, and to --target one of: {', '.join(targets_with_ops())}.")
+    names = list(profiles or [])
+    names += [t.name for t in loaded_targets if t.settings and t.name not in {load_profile(p).name for p in names}]
+    variants = profile_variants(recipe, names, fusions) if names else {}
     weights = Path(weights) if weights else default_weights()
     if data is None and calib is None:  # the embedded set calibrates on its committed manifest (hash-verified)
         calib = DEFAULT_CALIB
@@ -112,6 +124,11 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
                     settings, progress=progress, extra=extra)
         if variant_info:
             cmp["variants"] = variant_info
+        if loaded_targets:
+            graph = shape_inference.infer_shapes(onnx.load(str(onnx_path)))
+            write_json({"command": command_line(),
+                        "targets": [analyse(graph, t, display_path(weights)) for t in loaded_targets]},
+                       stage / "ops.json")
         cmp["sanity"] = qreport.get("sanity")
         evaluations = cmp.pop("evaluations")
         for k, r in evaluations.items():  # relative to the run folder, which gets renamed

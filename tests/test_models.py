@@ -199,6 +199,10 @@ def test_model_facts_twins(ckpt, variant, act):
     assert facts["activations"][act] == model_facts(ckpt("leaky"))["activations"]["LeakyReLU"]
     assert facts["leaky_relu_negative_slopes"] == []
     assert facts["params"] == pytest.approx(3.56e6, rel=0.01)
+    leaky = model_facts(ckpt("leaky"))["activation_census"]
+    census = facts["activation_census"]
+    assert [(a["layer"], a["type"], a["param"]) for a in census] == [(a["layer"], act, None) for a in leaky]
+    assert all(a["param"] == pytest.approx(0.1) for a in leaky) and census[0]["layer"] == "model.0.act"
 
 
 # ----------------------------------------------------------------------------------------------- export_onnx

@@ -22,7 +22,7 @@ from qbench.quantization import (
     recipe_from_dict,
 )
 from qbench.quantization.constraints import pow2_ceil, round_scales_to_pow2
-from qbench.quantization.profile import PROFILE_KEYS
+from qbench.quantization.profile import PROFILE_KEYS, TARGET_KEYS
 
 N_ACTIVATIONS = 57  # activations after a Conv in the level-3 YOLO (every Conv block, Detect's included)
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -107,8 +107,13 @@ def run_finite(path, calib) -> np.ndarray:
 
 # --------------------------------------------------------------------------- profiles and recipe keys
 def test_shipped_profiles():
-    assert available_profiles() == ["cpu", "npu-symmetric", "npu-symmetric-pow2"]
-    cpu, sym, pow2 = (load_profile(p) for p in available_profiles())
+    assert available_profiles() == ["cpu", "npu-symmetric", "npu-symmetric-pow2", "nxp-neutron", "rknn-rk3588"]
+    cpu, sym, pow2 = (load_profile(p) for p in ("cpu", "npu-symmetric", "npu-symmetric-pow2"))
+    assert (cpu.int_types, sym.int_types, pow2.int_types) == (("int8",), ("int8", "int16"), ("int8", "int16"))
+    assert load_profile("rknn-rk3588").settings == {**cpu.settings, "activation_type": "int8",
+                                                    "weight_symmetric": False, "activation_fusion": "fused"}
+    assert load_profile("nxp-neutron").settings == {**cpu.settings, "activation_type": "int8",
+                                                    "activation_fusion": "unfused"}
     assert cpu.settings == {"activation_type": "uint8", "activation_symmetric": False, "weight_type": "int8",
                             "weight_symmetric": True, "per_channel": True, "pow2_scales": False,
                             "activation_fusion": "ort"}
@@ -123,7 +128,7 @@ def test_shipped_profiles():
     assert apply_profile("default", "npu-symmetric-pow2").name == "default+npu-symmetric-pow2(fused)"
     assert apply_profile("default", None, "unfused").name == "default(unfused)"
     assert apply_profile("default", None) == load_recipe("default")
-    with pytest.raises(QbenchError, match=r"^profile npu-symmetric: 'fusion' is 'both'; allowed: ort, fused, unfused"):
+    with pytest.raises(QbenchError, match=r"^target npu-symmetric: 'fusion' is 'both'; allowed: ort, fused, unfused"):
         apply_profile("default", "npu-symmetric", "both")
     with pytest.raises(QbenchError, match=r"profile 'tpu' is neither a file nor a profile name .*npu-symmetric-pow2"):
         load_profile("tpu")
@@ -132,19 +137,19 @@ def test_shipped_profiles():
 def test_profile_loader_refuses_bad_keys_and_values(tmp_path):
     good = "".join(f"{k}: {v}\n" for k, v in load_profile("npu-symmetric").settings.items()).lower()
     f = tmp_path / "mynpu.yaml"
-    allowed = ", ".join(PROFILE_KEYS)
+    allowed = ", ".join(PROFILE_KEYS + TARGET_KEYS)
     cases = {
-        good + "foo: 1\n": f"profile mynpu: unknown key 'foo'; allowed: {allowed}.",
-        good + "method: entropy\n": "profile mynpu: 'method' is a recipe key, not a hardware key; a profile holds "
+        good + "foo: 1\n": f"target mynpu: unknown key 'foo'; allowed: {allowed}.",
+        good + "method: entropy\n": "target mynpu: 'method' is a recipe key, not a hardware key; a target holds "
                                     f"only {allowed}",
         good.replace("activation_type: int8", "activation_type: fp8"):
-            "profile mynpu: 'activation_type' is 'fp8'; allowed: uint8, int8.",
+            "target mynpu: 'activation_type' is 'fp8'; allowed: uint8, int8.",
         good.replace("activation_fusion: fused", "activation_fusion: partly"):
-            "profile mynpu: 'activation_fusion' is 'partly'; allowed: ort, fused, unfused.",
+            "target mynpu: 'activation_fusion' is 'partly'; allowed: ort, fused, unfused.",
         good.replace("pow2_scales: false", "pow2_scales: sometimes"):
-            "profile mynpu: 'pow2_scales' is 'sometimes'; allowed: true or false.",
-        good.replace("per_channel: true\n", ""): "profile mynpu: missing 'per_channel'",
-        "- a\n- list\n": "profile mynpu must be a YAML mapping of the hardware keys",
+            "target mynpu: 'pow2_scales' is 'sometimes'; allowed: true or false.",
+        good.replace("per_channel: true\n", ""): "target mynpu: missing 'per_channel'",
+        "- a\n- list\n": "target mynpu must be a YAML mapping of the hardware keys",
     }
     for text, msg in cases.items():
         f.write_text(text)
@@ -165,7 +170,7 @@ def test_pow2_needs_zero_points_of_zero(tmp_path):
     f = tmp_path / "asym.yaml"
     f.write_text("".join(f"{k}: {v}\n" for k, v in load_profile("cpu").settings.items()).lower()
                  .replace("pow2_scales: false", "pow2_scales: true"))
-    with pytest.raises(QbenchError, match=r"^profile asym: 'pow2_scales: true' needs zero points of 0 .* but it has "
+    with pytest.raises(QbenchError, match=r"^target asym: 'pow2_scales: true' needs zero points of 0 .* but it has "
                                           r"activation_symmetric: false, activation_type: uint8"):
         load_profile(f)
     r = recipe_from_dict({"pow2_scales": True, "activation_symmetric": True, "activation_type": "int8"}, "ok")
@@ -181,6 +186,7 @@ def test_pow2_ceil_rounds_up_exactly():
 
 
 # --------------------------------------------------------------------------- graphs
+@pytest.mark.slow
 def test_npu_symmetric_int8_activations_with_zero_points_of_zero(variant):
     report, model, _ = variant("leaky", "npu-symmetric")
     assert report["recipe_source"] == "default+npu-symmetric(fused)" and report["recipe"]["activation_type"] == "int8"
@@ -260,6 +266,7 @@ def test_leaky_fusion_modes(fusion, variant):
     assert report["head"]["qdq_in_decode"] == []
 
 
+@pytest.mark.slow
 def test_relu_unfused_keeps_relu_with_its_own_qdq(variant, relu_onnx):
     assert Graph(onnx.load(str(relu_onnx))).ops()["Relu"] == N_ACTIVATIONS
     _, ort_default, _ = variant("relu", "cpu")  # asymmetric activations: ORT folds Relu into the Conv's range
@@ -280,6 +287,7 @@ def test_relu_unfused_keeps_relu_with_its_own_qdq(variant, relu_onnx):
     assert report["constraints"]["fused"] == {"Relu": N_ACTIVATIONS}
 
 
+@pytest.mark.slow
 def test_silu_fused_quantizes_only_the_product(variant):
     report, model, _ = variant("silu", "npu-symmetric")
     g = Graph(model)
@@ -312,6 +320,7 @@ def test_every_variant_runs_in_ort(act, profile, fusion, variant, calib):
 
 
 # --------------------------------------------------------------------------- command line
+@pytest.mark.slow
 def test_cli_compare_profiles(leaky_onnx, calib, synth_small, tmp_path):
     out = tmp_path / "cmp"
     r = run_cli("compare", str(leaky_onnx), "--data", str(synth_small), "--calib", str(calib), "--profile", "cpu",
@@ -340,6 +349,7 @@ def test_cli_compare_int8_with_profile_is_refused(leaky_onnx, synth_small, calib
     assert len(lines) == 1 and lines[0].startswith("error: pass either an INT8 model") and "--profile" in lines[0]
 
 
+@pytest.mark.slow
 def test_cli_quantize_with_profile_and_fusion(leaky_onnx, calib, tmp_path):
     out = tmp_path / "q" / "int8.onnx"
     r = run_cli("quantize", str(leaky_onnx), "--calib", str(calib), "--out", str(out),
@@ -362,6 +372,7 @@ def test_cli_run_with_an_unknown_profile(tmp_path, synth_small, default_weights)
     assert r.stderr.strip().startswith("error: profile 'tpu' is neither a file nor a profile name")
 
 
+@pytest.mark.slow
 def test_cli_run_with_a_profile(tmp_path, synth_small, default_weights):
     out = tmp_path / "run"
     r = run_cli("run", "--weights", str(default_weights), "--data", str(synth_small), "--out", str(out),

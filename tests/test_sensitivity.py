@@ -17,9 +17,11 @@ from qbench.errors import QbenchError
 from qbench.evaluation import EvalSettings, evaluate
 from qbench.mixed import quantize_max_drop
 from qbench.quantization import recipe_from_dict
-from qbench.quantization.fallback import all_edges, bypass, conv_layers, keep_float, quantize_only
+from qbench.quantization.fallback import all_edges, bypass, conv_layers, keep_float, keep_int16, quantize_only
 from qbench.quantization.inc_engine import optimized_op_counts
 from qbench.runtime import ort_session
+
+pytestmark = pytest.mark.slow  # real quantization/training/evaluation: minutes; CI runs it, `-m "not slow"` skips it
 
 # percentile 90 clips every activation hard: a drop large enough to test budgets with
 CLIPPING = {"method": "percentile", "percentile": 90.0, "calib_size": 12}
@@ -75,6 +77,52 @@ def test_keep_float_turns_exactly_those_convs_back_to_float(models, tmp_path):
     assert 0 < output_error(_run(quantize_only(int8, fp32, layers[3]), x), ref) < e_all
     with pytest.raises(KeyError):
         keep_float(int8, fp32, ["/not/a/conv"])
+
+
+def _dq_of(model, node_name: str, k: int):
+    producer = {o: n for n in model.graph.node for o in n.output}
+    conv = next(n for n in model.graph.node if n.name == node_name)
+    return producer[conv.input[k]]
+
+
+@pytest.mark.parametrize("variant", ["int8.onnx", "profiles/npu-symmetric-fused/int8.onnx"])
+def test_keep_int16_puts_exactly_those_convs_on_a_16_bit_grid(small_run, models, tmp_path, variant):
+    fp32, _, x = models
+    int8 = onnx.load(str(small_run / variant))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in int8.graph.initializer}
+    layers = conv_layers(int8)
+    picked = [layers[3], layers[20]]
+    edited = keep_int16(int8, fp32, picked)
+    p, q = tmp_path / "int8.onnx", tmp_path / "int16.onnx"
+    onnx.save(int8, str(p))
+    onnx.save(edited, str(q))
+    if variant == "int8.onnx":  # (ORT runs few s8s8 convs as QLinearConv: the count says little there)
+        assert optimized_op_counts(q)["QLinearConv"] == optimized_op_counts(p)["QLinearConv"] - 2
+    new = {t.name: onnx.numpy_helper.to_array(t) for t in edited.graph.initializer}
+    for layer in picked:
+        a8, a16 = _dq_of(int8, layer.name, 0), _dq_of(edited, layer.name, 0)
+        assert a16.domain == "com.microsoft"
+        s8, z8, s16, z16 = inits[a8.input[1]], inits[a8.input[2]], new[a16.input[1]], new[a16.input[2]]
+        if variant == "int8.onnx":  # asymmetric uint8 -> uint16 over the same range
+            assert z8.dtype == np.uint8 and z16.dtype == np.uint16 and int(z16) == 257 * int(z8)
+            assert np.isclose(s16 * 257, s8, rtol=1e-6)
+        else:  # symmetric int8 -> symmetric int16, zero point still 0
+            assert z8.dtype == np.int8 and z16.dtype == np.int16 and int(z16) == 0 == int(z8)
+            assert s16 * 256 == s8
+        w16 = _dq_of(edited, layer.name, 1)
+        wq, ws = new[w16.input[0]], new[w16.input[1]]
+        assert wq.dtype == np.int16 and np.abs(wq).max() == 32767 and ws.shape == (wq.shape[0],)
+        f = {t.name: t for t in fp32.graph.initializer}
+        w = onnx.numpy_helper.to_array(f[layer.weight])
+        err = np.abs(wq * ws.reshape(-1, 1, 1, 1) - w).reshape(len(ws), -1).max(axis=1)
+        assert np.all(err <= ws / 2 + 1e-7)  # rounding only, per channel
+    # the other convs are untouched; 16-bit layers are far closer to FP32 than 8-bit ones, not exact
+    assert {x.name for x in conv_layers(edited)} == {x.name for x in layers}
+    ref = _run(fp32, x)
+    e8 = output_error(_run(int8, x), ref)
+    e16 = output_error(_run(keep_int16(int8, fp32, layers), x), ref)
+    e_float = output_error(_run(keep_float(int8, fp32, layers), x), ref)
+    assert e_float < e16 < 0.5 * e8, (e_float, e16, e8)  # (the non-conv quantizers stay int8)
 
 
 def test_spearman():
@@ -164,6 +212,35 @@ def test_max_drop_falls_back_layers_or_says_it_cannot(small_run, synth_small, cl
     assert maps == sorted(maps) and len(set(maps)) == len(maps)  # a layer is kept only when it raised the mAP
 
 
+def test_max_drop_with_int16_fallback(small_run, synth_small, clipping, tmp_path):
+    """INT16 layers take their tensors' full calibrated range, so they undo some of a clipping recipe's damage."""
+    out = tmp_path / "m" / "int8.onnx"
+    try:
+        r = quantize_max_drop(small_run / "fp32.onnx", out, recipe_from_dict({**CLIPPING, "percentile": 99.0}),
+                              clipping, synth_small, 0.5, max_float=3,
+                              proxy_images=2, top_k=2, fallback="int16")
+    except QbenchError as e:
+        assert "cannot be met within 3 INT16 layers" in str(e) and "or --fallback float" in str(e)
+        r = json.loads((out.parent / "mixed.json").read_text())
+        assert not out.exists()
+    else:
+        assert r["met"] and out.is_file()
+        moved = {f["layer"] for f in r["float_layers"]}
+        g = onnx.load(str(out)).graph
+        producer = {o: n for n in g.node for o in n.output}
+        for n in g.node:
+            if n.op_type == "Conv" and n.input[0] in producer and producer[n.input[0]].op_type == "DequantizeLinear":
+                assert (producer[n.input[0]].domain == "com.microsoft") == (n.name in moved)
+        assert evaluate(out, synth_small)["metrics"]["mAP50-95"] == pytest.approx(r["mixed_mAP50-95"], abs=1e-5)
+    assert r["fallback"] == "int16" and all(f["precision"] == "int16" for f in r["float_layers"])
+    kept = [t for t in r["trials"][1:] if t["kept"]]
+    assert len(kept) == len(r["float_layers"]) >= 1, r  # the clipping recipe loses enough for a layer to help
+    c = r["cost"]
+    assert c["macs"]["moved"] > 0 and c["int8_equivalent_macs"]["mixed"] == c["macs"]["all"] + 3 * c["macs"]["moved"]
+    assert c["weight_bytes"]["mixed"] > c["weight_bytes"]["all_int8"] and "host_cpu_macs" not in c
+    assert "a model, not a measurement" in c["model"]
+
+
 def test_unreachable_budget_is_reported_and_writes_no_model(small_run, synth_small, clipping, tmp_path):
     out = tmp_path / "u" / "int8.onnx"
     with pytest.raises(QbenchError, match="cannot be met within 0 FP32 layers"):
@@ -186,7 +263,14 @@ def test_cli_sensitivity_and_max_drop_bad_input(small_run, synth_small, tmp_path
     assert r.returncode == 2 and "is not an .onnx file path" in r.stderr and not (tmp_path / "dir").exists()
     r = run_cli("quantize", str(small_run / "fp32.onnx"), "--out", str(tmp_path / "a.onnx"), "--calib",
                 calib, "--max-float", "2")
-    assert r.returncode == 2 and "--max-float only applies with --max-drop" in r.stderr
+    assert r.returncode == 2 and "--max-float and --fallback only apply with --max-drop" in r.stderr
+    assert not (tmp_path / "a.onnx").exists()
+    r = run_cli("quantize", str(small_run / "fp32.onnx"), "--out", str(tmp_path / "a.onnx"), "--data",
+                str(synth_small), "--max-drop", "0.3", "--profile", "cpu", "--fallback", "int16")
+    assert r.returncode == 2 and "target cpu runs only int8 (its int_types)" in r.stderr
+    r = run_cli("quantize", str(small_run / "fp32.onnx"), "--out", str(tmp_path / "a.onnx"), "--data",
+                str(synth_small), "--max-drop", "0.3", "--fallback", "int4")
+    assert r.returncode == 2 and "--fallback 'int4' is not a precision" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "a.onnx").exists()
     r = run_cli("sensitivity", str(small_run / "fp32.onnx"), str(small_run / "fp32.onnx"), "--calib",
                 calib, "--out", str(tmp_path / "s"), "--top-k", "0")

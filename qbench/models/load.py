@@ -201,11 +201,14 @@ def model_facts(yolo: "YOLO | str | os.PathLike", imgsz: int | None = None) -> d
     # Conv layers share ONE activation instance (ultralytics' Conv.default_act), so count every reference to it.
     activations: Counter = Counter()
     slopes: set[float] = set()
-    for _, m in model.named_modules(remove_duplicate=False):
+    census = []  # every activation with its layer and slope: what `qbench ops --expect-activation` verifies
+    for name, m in model.named_modules(remove_duplicate=False):
         if type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, torch.nn.MultiheadAttention):
             activations[type(m).__name__] += 1
-            if isinstance(m, torch.nn.LeakyReLU):
-                slopes.add(float(m.negative_slope))
+            slope = float(m.negative_slope) if isinstance(m, torch.nn.LeakyReLU) else None
+            if slope is not None:
+                slopes.add(slope)
+            census.append({"layer": name, "type": type(m).__name__, "param": slope})
 
     head = model.model[-1]
     names = model.names or {}
@@ -223,6 +226,7 @@ def model_facts(yolo: "YOLO | str | os.PathLike", imgsz: int | None = None) -> d
         "gflops": round(float(get_flops(model, imgsz)), 4),
         "activations": dict(sorted(activations.items())),
         "leaky_relu_negative_slopes": sorted(slopes),
+        "activation_census": census,
         "n_conv": sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()),
         "blocks": dict(sorted(Counter(type(m).__name__ for m in model.model).items())),
         "head": type(head).__name__,

@@ -1,10 +1,15 @@
-"""NPU profiles: the integer-arithmetic constraints of a target (configs/npu/*.yaml), applied on top of a recipe.
+"""NPU targets (configs/npu/*.yaml): the integer arithmetic a target computes, applied on top of a recipe, and the
+operators it runs (`qbench ops`).
 
-A recipe says how to calibrate and what to keep float; a profile says what the hardware can compute. A profile
-holds every hardware key and nothing else (PROFILE_KEYS); its values are validated by the recipe validators, so
-an unknown key, a recipe key that is not a hardware key (method, calib_size, ...), a missing key or a bad value
-is a `QbenchError` naming the profile, the key and what is allowed. ONNX Runtime runs the resulting QDQ graph on
-any machine, so INT8 accuracy under a profile can be measured without the NPU.
+A recipe says how to calibrate and what to keep float; a target says what the hardware can compute:
+- its arithmetic, the hardware keys (PROFILE_KEYS), validated by the recipe validators; a target that sets them is
+  a *profile* (`--profile`), whose INT8 accuracy ONNX Runtime measures on any machine;
+- what it runs (TARGET_KEYS): `ops` (ONNX op type -> attribute limits, see OP_CONSTRAINTS), `int_types`,
+  `fallback` (unsupported ops run on the host CPU, or the compiler refuses the model) and `source` (the document
+  the list comes from). A target may describe only its operators (no arithmetic keys): it then serves `qbench ops`
+  and is refused as a profile.
+An unknown key, a recipe key that is not a hardware key (method, calib_size, ...), half the arithmetic keys, or a
+bad value is a `QbenchError` naming the target, the key and what is allowed.
 
 `apply_profile(recipe, profile, fusion)` gives the recipe with the profile's keys; `fusion` (ort | fused |
 unfused) overrides the profile's activation_fusion. The result is named e.g. `default+npu-symmetric(unfused)`.
@@ -16,6 +21,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import onnx.defs
 
 from ..errors import QbenchError
 from ..files import read_yaml
@@ -35,38 +42,102 @@ from .recipe import (
 PROFILES_DIR = shipped("configs") / "npu"
 PROFILE_KEYS = ("activation_type", "activation_symmetric", "weight_type", "weight_symmetric", "per_channel",
                 "pow2_scales", "activation_fusion")
+TARGET_KEYS = ("name", "source", "int_types", "fallback", "ops")
+INT_TYPES = ("int8", "int16")
+FALLBACKS = ("cpu", "error")
+# constraint key -> kind: "range" [min, max] (every spatial dim / the value), "values" (allowed list), "groups"
+OP_CONSTRAINTS = {"kernel": "range", "stride": "range", "dilation": "range", "rank": "range", "alpha": "range",
+                  "max_channels": "int", "channels_multiple": "int", "mode": "values", "scale": "values", "axis": "values",
+                  "groups": ("any", "depthwise", "1"), "broadcast": "bool", "note": "text"}
 
 
 @dataclass(frozen=True)
 class Profile:
     name: str  # the file's stem: 'npu-symmetric'
-    settings: dict  # every PROFILE_KEYS key -> validated value
+    settings: dict  # every PROFILE_KEYS key -> validated value ({} for a target that describes only its operators)
     path: Path
+    ops: dict | None = None  # ONNX op type -> {constraint: value}; None: the target says nothing about operators
+    int_types: tuple = ("int8",)
+    fallback: str = "cpu"
+    source: str = ""
 
 
-def available_profiles() -> list[str]:
+def available_targets() -> list[str]:
+    """Every shipped target (configs/npu/): arithmetic profiles and operator lists."""
     return available_configs(PROFILES_DIR)
 
 
+def available_profiles() -> list[str]:
+    """The shipped targets that set the integer arithmetic, i.e. that `--profile` can simulate."""
+    return [n for n in available_targets() if load_profile(n).settings]
+
+
+def _ops(label: str, ops) -> dict:
+    """A target's `ops` mapping, every constraint checked against OP_CONSTRAINTS."""
+    if not isinstance(ops, dict) or not ops:
+        raise QbenchError(f"{label}: 'ops' must map ONNX op types to their limits, e.g. 'Conv: {{kernel: [1, 7]}}'.")
+    out = {}
+    for op, limits in ops.items():
+        if not isinstance(op, str) or not onnx.defs.has(op):
+            raise QbenchError(f"{label}: ops key {op!r} is not an ONNX op type (e.g. Conv, LeakyRelu; the names "
+                              f"are case-sensitive).")
+        limits = limits or {}
+        if not isinstance(limits, dict):
+            raise QbenchError(f"{label}: ops.{op} must be a mapping of limits (or {{}}), not {limits!r}.")
+        for key, value in limits.items():
+            kind = OP_CONSTRAINTS.get(key)
+            where = f"{label}: ops.{op}.{key}"
+            if kind is None:
+                raise QbenchError(f"{where} is not a known limit; allowed: {', '.join(OP_CONSTRAINTS)}.")
+            ok = {"range": lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and
+                                                                                not isinstance(x, bool) for x in v)
+                           and v[0] <= v[1],
+                  "values": lambda v: isinstance(v, list) and len(v) > 0,
+                  "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                  "bool": lambda v: isinstance(v, bool), "text": lambda v: isinstance(v, str)}
+            good = value in kind if isinstance(kind, tuple) else ok[kind](value)
+            if not good:
+                want = ("one of " + ", ".join(kind) if isinstance(kind, tuple) else
+                        {"range": "[min, max]", "values": "a list of allowed values", "int": "a positive whole number",
+                         "bool": "true or false", "text": "a string"}[kind])
+                raise QbenchError(f"{where} is {value!r}; give {want}.")
+        out[op] = dict(limits)
+    return out
+
+
 def profile_from_dict(data, name: str, path: Path | None = None) -> Profile:
-    """Validate a mapping of hardware keys (QbenchError naming the key and the allowed values)."""
-    label = f"profile {name}"
-    allowed = ", ".join(PROFILE_KEYS)
+    """Validate a target: hardware keys and/or operator keys (QbenchError naming the key and the allowed values)."""
+    label = f"target {name}"
+    allowed = ", ".join(PROFILE_KEYS + TARGET_KEYS)
     if not isinstance(data, dict):
         raise QbenchError(f"{label} must be a YAML mapping of the hardware keys ({allowed}), "
                           f"not a {type(data).__name__}.")
     for key in data:
         if key in KEYS and key not in PROFILE_KEYS:
-            raise QbenchError(f"{label}: {key!r} is a recipe key, not a hardware key; a profile holds only "
+            raise QbenchError(f"{label}: {key!r} is a recipe key, not a hardware key; a target holds only "
                               f"{allowed} (set {key!r} in the recipe).")
-        if key not in PROFILE_KEYS:
+        if key not in PROFILE_KEYS and key not in TARGET_KEYS:
             raise QbenchError(f"{label}: unknown key {key!r}; allowed: {allowed}.")
+    arithmetic = [k for k in PROFILE_KEYS if k in data]
     missing = [k for k in PROFILE_KEYS if k not in data]
-    if missing:
-        raise QbenchError(f"{label}: missing {', '.join(repr(k) for k in missing)}; a profile sets every hardware "
-                          f"key ({allowed}).")
-    checked = recipe_from_dict(data, name, kind="profile")  # the recipe validators, messages start "profile NAME"
-    return Profile(name, {k: getattr(checked, k) for k in PROFILE_KEYS}, Path(path) if path else Path(name))
+    if arithmetic and missing or not arithmetic and "ops" not in data:
+        raise QbenchError(f"{label}: missing {', '.join(repr(k) for k in missing)}; a target sets every hardware "
+                          f"key ({', '.join(PROFILE_KEYS)}), or none of them and 'ops'.")
+    settings = {}
+    if arithmetic:
+        checked = recipe_from_dict({k: data[k] for k in PROFILE_KEYS}, name, kind="target")
+        settings = {k: getattr(checked, k) for k in PROFILE_KEYS}
+    int_types = data.get("int_types", ["int8"])
+    if not isinstance(int_types, list) or not int_types or any(t not in INT_TYPES for t in int_types):
+        raise QbenchError(f"{label}: int_types is {int_types!r}; give a list of {', '.join(INT_TYPES)}.")
+    fallback = data.get("fallback", "cpu")
+    if fallback not in FALLBACKS:
+        raise QbenchError(f"{label}: fallback is {fallback!r}; allowed: {', '.join(FALLBACKS)}.")
+    source = data.get("source", "")
+    if not isinstance(source, str):
+        raise QbenchError(f"{label}: source must be a string naming the document the operator list comes from.")
+    ops = _ops(label, data["ops"]) if "ops" in data else None
+    return Profile(name, settings, Path(path) if path else Path(name), ops, tuple(int_types), fallback, source)
 
 
 def load_profile(name_or_path: str | os.PathLike | Profile) -> Profile:
@@ -88,9 +159,13 @@ def apply_profile(recipe: Recipe | str | os.PathLike | None, profile: Profile | 
     if profile is None and fusion is None:
         return recipe
     prof = load_profile(profile) if profile is not None else None
+    if prof is not None and not prof.settings:
+        raise QbenchError(f"target {prof.name} describes only the operators it runs, not its integer arithmetic, so "
+                          "it cannot simulate INT8 (--profile); use it with `qbench ops`, and a profile that sets "
+                          f"{', '.join(PROFILE_KEYS)} for accuracy.")
     changes = dict(prof.settings) if prof else {}
     if fusion is not None:
-        changes["activation_fusion"] = _choice(f"profile {prof.name}" if prof else f"recipe {recipe.name}",
+        changes["activation_fusion"] = _choice(f"target {prof.name}" if prof else f"recipe {recipe.name}",
                                                "fusion", fusion, FUSIONS)
     applied = recipe.replace(**changes)
     label = f"+{prof.name}" if prof else ""

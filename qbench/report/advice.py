@@ -85,10 +85,11 @@ def remedies(run: dict) -> dict:
     if run.get("mixed"):
         for sub, mix in run["mixed"].items():
             n = len(mix.get("float_layers", []))
+            prec = "INT16" if mix.get("fallback") == "int16" else "FP32"
             drop = None if mix.get("mixed_mAP50-95") is None else mix["fp32_mAP50-95"] - mix["mixed_mAP50-95"]
             apply.append({"remedy": "mixed precision (--max-drop)", "why": "a few layers carry most of the loss",
                           "measured": (f"{'met' if mix.get('met') else 'NOT met'}: {n} of {mix.get('quantized_convs')} "
-                                       f"convs in FP32, drop {100 * drop:.2f} points" if drop is not None else
+                                       f"convs in {prec}, drop {100 * drop:.2f} points" if drop is not None else
                                        "no model met the budget"),
                           "command": f"{display_path(run['dir'] / sub / 'mixed.json')} (recipe {mix.get('recipe')}, "
                                      f"budget {mix.get('max_drop_points')} points)"})

@@ -69,7 +69,7 @@ def load_run(run_dir: str | os.PathLike, qat: dict | None = None) -> dict:
                 "recipe": qat.get("recipe")}
     run = {"dir": d, "name": d.name, "info": info, "qat": qat,
            "model": _read_json(d / "model.json") or {}, "compare": _read_json(d / "compare.json"),
-           "inspect": {}, "hists": {}, "sensitivity": {}, "mixed": {}}
+           "inspect": {}, "hists": {}, "sensitivity": {}, "mixed": {}, "ops": _read_json(d / "ops.json")}
     for kind in ("sensitivity", "mixed"):  # `qbench sensitivity --out RUN[/SUB]`, `qbench quantize --max-drop`
         for p in [d / f"{kind}.json", *sorted(d.glob(f"*/{kind}.json"))]:
             obj = _read_json(p)
@@ -129,6 +129,27 @@ def _matrix_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
             cells.append("—" if m is None else f"{_fmt(m['delta']['mAP50-95'], signed=True)} {ci_text(m)}")
         rows.append(cells)
     return ["run", "activations", "FP32 mAP50-95", *variants], rows
+
+
+def _targets_table(run: dict) -> tuple[list[str], list[list[str]]]:
+    """Per NPU target (`qbench run --target`): what of the graph it runs, next to the INT8 accuracy under its
+    arithmetic (the run's variant quantized with that target, when its file sets the arithmetic)."""
+    models = run["compare"]["models"]
+    rows = []
+    for t in run["ops"]["targets"]:
+        variants = [k for k in models if k.startswith(f"int8[{t['target']},")]
+        acc = "; ".join(f"{k}: {_fmt(models[k]['delta']['mAP50-95'], signed=True)} {ci_text(models[k])}"
+                        for k in variants) or "not simulated: the target file sets no integer arithmetic"
+        causes = "; ".join(f"{c['reason']} x{c['nodes']}" for c in t["causes"][:3]) or "none"
+        rows.append([t["target"], _pct(t["body"]["share_nodes"]), _pct(t["body"]["share_macs"]),
+                     str(t["cpu_partitions"]), str(t["transitions"]), f"{t['crossing_bytes_int8'] / 1e6:.2f}",
+                     causes, acc])
+    return ["target", "nodes on NPU (body)", "MACs on NPU (body)", "CPU partitions", "transitions",
+            "MB crossing (int8)", "main fallback causes", "Δ mAP50-95 under its arithmetic [95% CI]"], rows
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.1f}%"
 
 
 def _class_table(run: dict) -> tuple[list[str], list[list[str]]]:
@@ -282,7 +303,8 @@ def _sensitivity_note(sens: dict) -> str:
 
 
 def _mixed_table(mix: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["model", "mAP50-95", "drop (pts)", "FP32 convs", "batch-1 ms", "vs FP32"]
+    prec = "INT16" if mix.get("fallback") == "int16" else "FP32"
+    head = ["model", "mAP50-95", "drop (pts)", f"{prec} convs", "batch-1 ms", "vs FP32"]
     lat = mix.get("latency", {})
     n = len(mix.get("float_layers", []))
     rows = []
@@ -298,11 +320,24 @@ def _mixed_table(mix: dict) -> tuple[list[str], list[list[str]]]:
 
 def _mixed_note(mix: dict) -> str:
     met = mix.get("met")
+    prec = "INT16" if mix.get("fallback") == "int16" else "FP32"
     layers = "; ".join(f"{f['layer']} ({f['why']})" for f in mix.get("float_layers", [])) or "none"
     return (f"Budget {mix.get('max_drop_points')} mAP50-95 points on {mix.get('split')}: "
             f"{'met' if met else 'NOT met (no model written)'}, recipe {mix.get('recipe')}, "
             f"{len(mix.get('trials', [])) - 1} candidates tried. "
-            f"{'FP32 layers' if met else 'Best found, FP32 layers'}: {layers}. Note: {mix.get('note', '')}.")
+            f"{'' if met else 'Best found, '}{prec} layers: {layers}. Note: {mix.get('note', '')}."
+            + _cost_note(mix.get("cost")))
+
+
+def _cost_note(cost: dict | None) -> str:
+    if not cost:
+        return ""
+    w = cost["weight_bytes"]
+    note = f" Cost ({cost['model']}): weights {w['all_int8'] / 1e6:.2f} -> {w['mixed'] / 1e6:.2f} MB"
+    if "int8_equivalent_macs" in cost:
+        m = cost["int8_equivalent_macs"]
+        return note + f", int8-equivalent MACs x{m['mixed'] / max(1, m['all_int8']):.3f}."
+    return note + f", {cost['host_cpu_macs'] / 1e6:.0f} M MACs on the host CPU."
 
 
 def _md(head, rows) -> str:
@@ -433,6 +468,23 @@ def build(runs: list[dict]) -> tuple[str, str]:
                          "original FP32 model.")
             md += [f"### {title}", "", note, "", _md(*vt)]
             body += [f"<h3>{html.escape(title)}</h3><p class='muted'>{html.escape(note)}</p>", _html_table(*vt)]
+
+    # ---- NPU targets (`qbench run --target`)
+    truns = [r for r in runs if r.get("ops")]
+    if truns:
+        md += ["## NPU targets", ""]
+        body.append("<h2>NPU targets</h2>")
+        note = ("Per target: the share of the FP32 graph's nodes and multiply-accumulates its NPU runs (the body: "
+                "the YOLO decode left out, as deployments cut it off), the CPU-fallback partitions, the NPU<->CPU "
+                "transitions and the int8 bytes crossing them (batch 1), the main fallback causes; next to the "
+                "INT8 accuracy under the target's own arithmetic (its variant in the table above). Sources: each "
+                "target file in configs/npu/.")
+        for r in truns:
+            head, rows = _targets_table(r)
+            cmd = r["ops"].get("command", "")
+            md += [f"### {r['name']}", "", note, "", f"Reproduce: `{cmd}`", "", _md(head, rows)]
+            body += [f"<h3>{html.escape(r['name'])}</h3><p class='muted'>{html.escape(note)}</p>",
+                     f"<p>Reproduce: <code>{html.escape(cmd)}</code></p>", _html_table(head, rows)]
 
     # ---- quantization-aware training
     qruns = [r for r in runs if r.get("qat")]
