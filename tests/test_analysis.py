@@ -23,6 +23,8 @@ from qbench.calibration import CalibrationReader
 from qbench.errors import QbenchError
 from qbench.graph.qdq import QParams
 
+pytestmark = pytest.mark.slow  # real quantization/training/evaluation: minutes; CI runs it, `-m "not slow"` skips it
+
 S = 8  # image size
 ALPHA = 0.1
 RNG = np.random.default_rng(7)

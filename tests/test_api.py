@@ -10,6 +10,7 @@ import pytest
 from qbench.errors import QbenchError
 
 
+@pytest.mark.slow
 def test_quantize_then_compare_through_the_python_api(tmp_path, default_weights, synth_small):
     import qbench
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import run_cli
 
 from qbench.calibration import build_manifest, save_manifest
+
+pytestmark = pytest.mark.slow  # real quantization/training/evaluation: minutes; CI runs it, `-m "not slow"` skips it
 
 
 def test_bench_eval_agrees_with_ultralytics(default_onnx, synth_small, tmp_path):

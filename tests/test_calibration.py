@@ -193,6 +193,7 @@ def test_committed_manifests_match_the_shared_datasets(name):
     assert min(m["class_counts"].values()) > 0
 
 
+@pytest.mark.slow
 def test_committed_default_manifest_matches_the_regenerated_synthetic_set():
     """calibration/synth-train-512.json names the embedded set (not a path of this machine's cache); every
     regenerated image matches its committed sha256 (on any CPU: tests/test_synth.py). Rebuilding it picks the same

@@ -38,6 +38,7 @@ def test_run_with_a_file_that_is_not_a_checkpoint(tmp_path, synth_small):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("yaml_text, needle", [
     ("train: images/train\nnames: [prohibitory, danger, mandatory, other]\n", "'val'"),
     ("train: images/train\nval: images/val\n", "'names'"),
@@ -51,6 +52,7 @@ def test_eval_with_broken_data_yaml(tmp_path, synth_small, default_onnx, yaml_te
     assert not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row, needle", [("7 0.5 0.5 0.1 0.1", "class id 7"), ("0 0.5 0.5", "line 2")])
 def test_eval_with_bad_label_rows(tmp_path, synth_small, default_onnx, row, needle):
     data = _copy_data(synth_small, tmp_path / "d")
@@ -61,6 +63,7 @@ def test_eval_with_bad_label_rows(tmp_path, synth_small, default_onnx, row, need
     assert not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.slow
 def test_run_with_an_unreadable_image_leaves_no_run_folder(tmp_path, synth_small, default_weights):
     data = _copy_data(synth_small, tmp_path / "d")
     bad = sorted((data.parent / "images" / "val").glob("*.jpg"))[-1]
@@ -71,6 +74,7 @@ def test_run_with_an_unreadable_image_leaves_no_run_folder(tmp_path, synth_small
     assert not out.exists() and not list(out.parent.glob("*")), list(out.parent.glob("*"))
 
 
+@pytest.mark.slow
 def test_run_with_a_model_whose_classes_differ_from_the_data(tmp_path, synth_small, default_weights):
     data = _copy_data(synth_small, tmp_path / "d")
     data.write_text("train: images/train\nval: images/val\nnames: [a, b]\n")
@@ -80,6 +84,7 @@ def test_run_with_a_model_whose_classes_differ_from_the_data(tmp_path, synth_sma
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_run_end_to_end_writes_a_complete_run_folder(tmp_path, synth_small, default_weights):
     import json
 
@@ -123,6 +128,7 @@ def test_run_end_to_end_writes_a_complete_run_folder(tmp_path, synth_small, defa
     assert f"#1 {ins['leaky'][0]['layer']}" in r.stdout
 
 
+@pytest.mark.slow
 def test_inspect_bad_input(tmp_path):
     r = run_cli("inspect", str(tmp_path))
     _assert_user_error(r, "not a qbench run folder", str(tmp_path))
@@ -130,6 +136,7 @@ def test_inspect_bad_input(tmp_path):
     _assert_user_error(r, "needs --int8")
 
 
+@pytest.mark.slow
 def test_run_profiles_bad_input(tmp_path):
     out = tmp_path / "run"
     r = run_cli("run", "--out", str(out), "--profiles", "cpu,tpu")

@@ -47,6 +47,7 @@ def test_letterbox_and_targets_match_ultralytics(synth_small, imgsz):
         np.testing.assert_allclose(geo.boxes_to_input(lab[:, 1:]), theirs_xyxy, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_fidelity_onnx_eval_vs_ultralytics_pt_val(default_weights, default_onnx, synth_val):
     """Acceptance: qbench eval of the FP32 ONNX agrees with YOLO(best.pt).val within 0.002 mAP50-95."""
     from qbench.ultra import YOLO
@@ -63,6 +64,7 @@ def test_fidelity_onnx_eval_vs_ultralytics_pt_val(default_weights, default_onnx,
     assert ours["metrics"]["mAP50"] >= 0.85
 
 
+@pytest.mark.slow
 def test_pt_and_onnx_agree_and_batch_does_not_matter(default_weights, default_onnx, synth_small):
     a = evaluate(default_onnx, synth_small, EvalSettings(batch=5))
     b = evaluate(default_onnx, synth_small, EvalSettings(batch=1))
@@ -73,6 +75,7 @@ def test_pt_and_onnx_agree_and_batch_does_not_matter(default_weights, default_on
     assert sum(r["instances"] for r in a["per_class"]) == a["data"]["instances"] > 0
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_metrics_json(default_onnx, synth_small, tmp_path):
     out = tmp_path / "m" / "metrics.json"
     r = run_cli("eval", str(default_onnx), "--data", str(synth_small), "--out", str(out), "--batch", "4")
@@ -122,6 +125,7 @@ print(same(ours, reference), same(ours, nms(raw, 0.001, 0.7, 300)), same(referen
 """
 
 
+@pytest.mark.slow
 def test_nms_does_not_depend_on_what_the_process_imported():
     """The same outputs give the same detections whether or not torchvision was imported earlier in the process
     (ultralytics' NMS switches kernels then, and the two break ties between equal scores differently)."""
@@ -136,6 +140,7 @@ def test_nms_does_not_depend_on_what_the_process_imported():
     assert ultralytics_stable == "False"  # the probe does exercise ties that the two kernels break differently
 
 
+@pytest.mark.slow
 def test_delta_interval_resolves_a_real_loss_and_not_a_null_one(default_onnx, synth_val):
     """Paired bootstrap of the mAP50-95 difference: a model against itself gives exactly [0, 0]; the same model
     with every detection removed from half of the images is resolved as worse (interval below 0, around the

@@ -7,6 +7,8 @@ import pytest
 
 from qbench.errors import QbenchError
 
+pytestmark = pytest.mark.slow  # real quantization/training/evaluation: minutes; CI runs it, `-m "not slow"` skips it
+
 IMGSZ = 160  # the default model (trained at 320) exported small: a trial takes seconds, mAP stays above 0
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # real quantization/training/evaluation: minutes; CI runs it, `-m "not slow"` skips it
+
 
 @pytest.mark.slow
 def test_peers_table_scores_every_tool_through_its_runtime(tmp_path, default_weights, synth_small, calib):

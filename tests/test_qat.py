@@ -12,6 +12,8 @@ import pytest
 
 from qbench.errors import QbenchError
 
+pytestmark = pytest.mark.slow  # real quantization/training/evaluation: minutes; CI runs it, `-m "not slow"` skips it
+
 QAT_IMGSZ = 160  # the default model (trained at 320) exported and fine-tuned at 160: seconds per stage
 
 

@@ -25,6 +25,8 @@ from qbench.quantization import (
 )
 from qbench.quantization.recipe import KEYS, write_recipe
 
+pytestmark = pytest.mark.slow  # real quantization/training/evaluation: minutes; CI runs it, `-m "not slow"` skips it
+
 
 # --------------------------------------------------------------------------- fixtures
 # untrained exports at IMGSZ (leaky_onnx, silu_onnx, relu_onnx) and the 12-image manifest (calib): conftest.py

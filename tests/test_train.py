@@ -9,6 +9,8 @@ import pytest
 from qbench.errors import QbenchError
 from qbench.train import resolve_model, train
 
+pytestmark = pytest.mark.slow  # real quantization/training/evaluation: minutes; CI runs it, `-m "not slow"` skips it
+
 
 def test_tiny_training_run_is_complete_and_offline(synth_small, tmp_path):
     out = tmp_path / "runs" / "tiny"

@@ -18,6 +18,8 @@ from conftest import REPO, run_cli
 
 from qbench.errors import QbenchError
 
+pytestmark = pytest.mark.slow  # real quantization/training/evaluation: minutes; CI runs it, `-m "not slow"` skips it
+
 UNWRITABLE = Path("/proc/qbench-cannot-write-here")  # even root cannot create files under /proc
 
 
