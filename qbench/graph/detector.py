@@ -21,18 +21,12 @@ import numpy as np
 from ..errors import QbenchError
 
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})  # read a tensor's shape, not its values: the head walk stops
-
-
 LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten"})
-
-
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-
-
-PREPARED_META = "qbench_prepared"  # metadata of a model whose float graph was transformed (recipe keys equalize, shift_negative)
-
-
-PREPARED_FP32 = "fp32-prepared.onnx"  # written next to such an INT8 model: the transformed float model, its reference
+# metadata of a model whose float graph was transformed (recipe keys equalize, shift_negative), and the transformed
+# float model written next to such an INT8 model (its reference)
+PREPARED_META = "qbench_prepared"
+PREPARED_FP32 = "fp32-prepared.onnx"
 
 
 def _constants(graph) -> dict:
