@@ -71,3 +71,21 @@ def test_side_by_side_report_and_bad_input(small_run, tmp_path):
     assert "small vs twin" in page and page.count("<h3>twin") >= 2
     r = run_cli("report", str(tmp_path / "both"))
     assert r.returncode == 2 and "not a finished qbench run folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_activation_matrix_names_each_runs_own_activations(tmp_path):
+    """The side-by-side matrix over the committed gtsdb4 runs: the ReLU run was inspected by a qbench that counted
+    LeakyReLU only; its row must say ReLU (from model.json), not 'LeakyReLU x0'. Also: FP32 mAP50 is a column (the
+    seeds' LeakyReLU-vs-ReLU claim is in mAP50)."""
+    from conftest import REPO
+
+    from qbench.report.render import report
+
+    runs = [REPO / "results" / "runs" / n for n in ("gtsdb4-l3-leaky-640", "gtsdb4-l3-relu-640")]
+    report(runs, tmp_path / "side")
+    md = (tmp_path / "side" / "summary.md").read_text()
+    table = md.split("### All runs: Δ mAP50-95 per INT8 variant", 1)[1]
+    rows = {ln.split("|")[1].strip(): ln for ln in table.splitlines() if ln.startswith("| gtsdb4-")}
+    assert "| ReLU x57 |" in rows["gtsdb4-l3-relu-640"] and "LeakyReLU x0" not in md
+    assert "| LeakyReLU x57 (57 unfused) |" in rows["gtsdb4-l3-leaky-640"]
+    assert "| FP32 mAP50 | FP32 mAP50-95 |" in table and "| 0.7844 | 0.5920 |" in rows["gtsdb4-l3-relu-640"]

@@ -116,19 +116,21 @@ def _accuracy_table(run: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def _matrix_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Runs x INT8 variants: FP32 mAP50-95, then each variant's Δ [95% CI] (the activation matrix)."""
+    """Runs x INT8 variants: FP32 mAP50 and mAP50-95, then each variant's Δ mAP50-95 [95% CI] (the activation
+    matrix)."""
     variants = list(dict.fromkeys(k for r in runs for k in r["compare"]["models"] if k != "fp32"))
     rows = []
     for r in runs:
         models = r["compare"]["models"]
-        cells = [r["name"], _activations_text(next(iter(r["inspect"].values()))["summary"]) if r["inspect"]
+        cells = [r["name"], _activations_text(next(iter(r["inspect"].values()))["summary"],
+                                              r["model"].get("activations")) if r["inspect"]
                  else ", ".join(f"{k} x{v}" for k, v in (r["model"].get("activations") or {}).items()) or "—",
-                 _fmt(models["fp32"]["metrics"]["mAP50-95"])]
+                 _fmt(models["fp32"]["metrics"]["mAP50"]), _fmt(models["fp32"]["metrics"]["mAP50-95"])]
         for v in variants:
             m = models.get(v)
             cells.append("—" if m is None else f"{_fmt(m['delta']['mAP50-95'], signed=True)} {ci_text(m)}")
         rows.append(cells)
-    return ["run", "activations", "FP32 mAP50-95", *variants], rows
+    return ["run", "activations", "FP32 mAP50", "FP32 mAP50-95", *variants], rows
 
 
 def _targets_table(run: dict) -> tuple[list[str], list[list[str]]]:
@@ -169,11 +171,17 @@ def _class_table(run: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def _activations_text(s: dict) -> str:
-    """'LeakyReLU x57 (57 unfused), SiLU x0' style census of an inspection summary (older ones: LeakyReLU only)."""
+def _activations_text(s: dict, model_census: dict | None = None) -> str:
+    """'LeakyReLU x57 (57 unfused), SiLU x0' style census of an inspection summary. Inspections by older qbench
+    versions counted LeakyReLU only: then the run's model.json census (`model_census`) says what the model has."""
     census = s.get("activations")
     if census is None:
-        return f"LeakyReLU x{s['leaky_relus']} ({s['unfused_leaky_relus']} unfused)"
+        if model_census:
+            census = {("LeakyRelu" if k in ("LeakyReLU", "LeakyRelu") else k): n for k, n in model_census.items()}
+        elif s.get("leaky_relus"):
+            return f"LeakyReLU x{s['leaky_relus']} ({s['unfused_leaky_relus']} unfused)"
+        else:
+            return "not recorded"
     parts = []
     for k, n in census.items():
         unf = {"LeakyRelu": s.get("unfused_leaky_relus"), "SiLU": s.get("unfused_silus")}.get(k)
@@ -181,13 +189,13 @@ def _activations_text(s: dict) -> str:
     return ", ".join(parts) or "none"
 
 
-def _layer_summary(ins: dict) -> tuple[list[str], list[list[str]]]:
+def _layer_summary(ins: dict, model_census: dict | None = None) -> tuple[list[str], list[list[str]]]:
 
     s = ins["summary"]
     causes = [range_diagnosis(r)[1] for r in ins["layers"] if r["role"] == "quantized" and r["producer"] != "input"]
     return (["tensors quantized", "activations", "output SQNR dB", "output cosine", "median isolated SQNR dB",
              "lowest cumulative SQNR dB", "range set by channels / rare values"],
-            [[str(s["quantized_tensors"]), _activations_text(s),
+            [[str(s["quantized_tensors"]), _activations_text(s, model_census),
               _fmt(s["output_sqnr_db"], 1), _fmt(s["output_cosine"], 5), _fmt(s["median_isolated_sqnr_db"], 1),
               _fmt(s["min_cumulative_sqnr_db"], 1),
               f"{causes.count('channels')} / {causes.count('rare values')}"]])
@@ -374,7 +382,8 @@ def _inspect_hint(run: dict) -> str:
 
 def _qat_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["run", "recipe + profile", "epochs", "device", "fine-tuning s", "activation ranges", "distill", "PTQ mAP50-95",
-            "QAT mAP50-95", "QAT − PTQ [95% CI]", "PTQ loss recovered", "int8 convs", "ONNX vs fake-quant"]
+            "QAT mAP50-95", "QAT − PTQ [95% CI]", "PTQ loss recovered", "int8 convs", "ONNX vs fake-quant",
+            "ORT vs itself"]
     rows = []
     for r in runs:
         q = r["qat"]
@@ -383,6 +392,7 @@ def _qat_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
         lo, hi = c.get("qat_minus_ptq_ci95") or (None, None)
         rec = c.get("recovered_fraction")
         k, m = q.get("kernels", {}), (q.get("onnx_vs_torch") or {}).get("ort_optimized", {})
+        own = (q.get("onnx_vs_torch") or {}).get("ort_self", {})
         rows.append([r["name"], recipe_label(q.get("recipe", "?")),
                      f"{q.get('epochs_run')} of {q.get('epochs')}", str(q.get("device")),
                      _fmt(q.get("train_seconds"), 0),
@@ -392,7 +402,8 @@ def _qat_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
                      f"{_fmt(c.get('qat_minus_ptq'), signed=True)} [{_fmt(lo, signed=True)}, {_fmt(hi, signed=True)}]",
                      "—" if rec is None else f"{100 * rec:.0f}%",
                      f"{k.get('QLinearConv')} of {k.get('quantized_convs')}",
-                     f"{m['sqnr_db']:.1f} dB" if "sqnr_db" in m else "—"])
+                     f"{m['sqnr_db']:.1f} dB" if "sqnr_db" in m else "—",
+                     f"{own['sqnr_db']:.1f} dB" if "sqnr_db" in own else "—"])
     return head, rows
 
 
@@ -449,7 +460,7 @@ def build(runs: list[dict]) -> tuple[str, str]:
     body.append(_img(plots.delta_bars(bars), "mAP50-95 change against FP32 per model variant"))
     if len(runs) > 1:
         head, rows = _matrix_table(runs)
-        note = ("Side by side: each run's FP32 mAP50-95 and, per INT8 variant, its change against that run's own "
+        note = ("Side by side: each run's FP32 mAP50 and mAP50-95 and, per INT8 variant, its change against that run's own "
                 "FP32 with the 95% interval (paired bootstrap over the scored images); — where a run has no such "
                 "variant.")
         md += ["### All runs: Δ mAP50-95 per INT8 variant", "", note, "", _md(head, rows)]
@@ -495,7 +506,10 @@ def build(runs: list[dict]) -> tuple[str, str]:
                 "during fine-tuning, exported and scored through the same path. QAT − PTQ: its 95% interval is a "
                 "paired bootstrap over the scored images. Recovered: (QAT − PTQ) / (FP32 − PTQ). int8 convs: "
                 "QLinearConv kernels in ORT's optimized graph, of the convs the recipe quantizes. ONNX vs fake-quant: "
-                "SQNR of the INT8 ONNX outputs against the PyTorch fake-quant model on a few val images.")
+                "SQNR of the INT8 ONNX outputs (ORT's fused kernels) against the PyTorch fake-quant model on a few val "
+                "images; ORT vs itself: the same ONNX run by ORT's fused kernels against its own QDQ simulation, the "
+                "scale to read the first on (one-code rounding steps spread through SiLU models, ~45 dB, and die out "
+                "in LeakyReLU ones, ~140 dB).")
         head, rows = _qat_table(qruns)
         md += [expl, "", _md(head, rows)]
         body += [f"<p class='muted'>{html.escape(expl)}</p>", _html_table(head, rows)]
@@ -523,7 +537,7 @@ def build(runs: list[dict]) -> tuple[str, str]:
         for key, ins in r["inspect"].items():
             label = r["name"] if key == "int8" else f"{r['name']} {key}"
             depth[label] = ins
-            head, rows = _layer_summary(ins)
+            head, rows = _layer_summary(ins, r["model"].get("activations"))
             src = ins.get("source", {})
             note = (f"{ins['images']['statistics']} calibration images for statistics, {ins['images']['error']} "
                     f"val images for error ({src.get('data', '')}).")
