@@ -457,7 +457,9 @@ def qat(
                    f"PTQ value")
     k, m = r["kernels"], r["onnx_vs_torch"]
     typer.echo(f"{k['QLinearConv']} of {k['quantized_convs']} quantized convs run as QLinearConv; QAT ONNX vs "
-               f"PyTorch fake-quant: {m['ort_optimized']['sqnr_db']:.1f} dB SQNR")
+               f"PyTorch fake-quant: {m['ort_optimized']['sqnr_db']:.1f} dB SQNR"
+               + (f" (ORT's fused kernels vs its own QDQ simulation: {m['ort_self']['sqnr_db']:.1f} dB)"
+                  if "ort_self" in m else ""))
     typer.echo(f"wrote {out}/qat.json, summary.md, report.html")
 
 
