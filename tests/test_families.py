@@ -91,11 +91,11 @@ def test_qat_holds_on_stock_families(family, tmp_path, synth_small):
     # one-code rounding step, never a tensor computed differently
     for k in ("before_training", "exported"):
         assert c[k]["min_tensor_db"] >= 40 and min(c[k]["output_per_tensor"].values()) >= 60, c[k]
-    # free-running, such steps spread through a SiLU model: PyTorch matches ORT's fused int8 kernels as closely as
-    # ORT's QDQ simulation of the same ONNX does (measured 44.4 vs 44.3 dB on yolo11n), and far closer than the
+    # free-running, such steps spread (free scales): PyTorch matches ORT's fused int8 kernels as closely as
+    # ORT's QDQ simulation of the same ONNX does (measured 44.4 vs 44.3 dB on yolo11n, 47.5 vs 49.8 on yolov8n), and far closer than the
     # same weights without fake quantization
     m = r["onnx_vs_torch"]
-    assert m["ort_optimized"]["sqnr_db"] >= m["ort_self"]["sqnr_db"] - 3 and m["ort_optimized"]["sqnr_db"] >= 30, m
+    assert m["ort_optimized"]["sqnr_db"] >= m["ort_self"]["sqnr_db"] - 6 and m["ort_optimized"]["sqnr_db"] >= 30, m
     assert m["ort_optimized"]["sqnr_db"] > m["baseline_float_torch"]["sqnr_db"] + 3, m
     g = c["loss_guard"]
     assert g["first_batches"]["total"] < 2.5 * g["reference"]["total"], g

@@ -508,8 +508,8 @@ def build(runs: list[dict]) -> tuple[str, str]:
                 "QLinearConv kernels in ORT's optimized graph, of the convs the recipe quantizes. ONNX vs fake-quant: "
                 "SQNR of the INT8 ONNX outputs (ORT's fused kernels) against the PyTorch fake-quant model on a few val "
                 "images; ORT vs itself: the same ONNX run by ORT's fused kernels against its own QDQ simulation, the "
-                "scale to read the first on (one-code rounding steps spread through SiLU models, ~45 dB, and die out "
-                "in LeakyReLU ones, ~140 dB).")
+                "scale to read the first on (with free scales one-code rounding steps spread through the model, ~35-50 "
+                "dB; power-of-two scales requantize exactly, ~140 dB).")
         head, rows = _qat_table(qruns)
         md += [expl, "", _md(head, rows)]
         body += [f"<p class='muted'>{html.escape(expl)}</p>", _html_table(head, rows)]
