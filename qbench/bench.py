@@ -19,7 +19,7 @@ from .calibration import load_manifest
 from .comparison import ci_text, compare
 from .data.dataset import load_data_yaml
 from .errors import QbenchError
-from .evaluation import EvalSettings, evaluate
+from .evaluation import EvalSettings, delta_interval, evaluate
 from .files import command_line, scratch, write_json
 from .models.export import export_onnx
 from .quantization import load_recipe, quantize_ort
@@ -115,7 +115,10 @@ def _fp32_onnx(model: Path, tmp: Path, imgsz: int | None) -> Path:
 def bench_sweep(model: str | Path, data: str | Path, calib: str | Path, out: str | Path,
                 methods: list[str], sizes: list[int], recipe: str = "default", imgsz: int | None = None,
                 batch: int = 16, argv: list[str] | None = None, progress: bool = False) -> str:
-    """INT8 accuracy over calibration method x calibration size, one table (FP32 scored once as the reference)."""
+    """INT8 accuracy over calibration method x calibration size, one table (FP32 scored once as the reference).
+
+    Each row's Δ mAP50-95 against FP32 and, for every method after the first, its difference from the first method
+    at the same size, each with its 95% interval (paired bootstrap over the scored images, `delta_interval`)."""
 
     model, data, out = Path(model), Path(data), Path(out)
     base = load_recipe(recipe)
@@ -130,14 +133,24 @@ def bench_sweep(model: str | Path, data: str | Path, calib: str | Path, out: str
     with scratch("bench") as tmp:
         tmp = Path(tmp)
         fp32_path = _fp32_onnx(model, tmp, imgsz)
-        fp32 = evaluate(fp32_path, data, settings, progress=progress)
+        fp32 = evaluate(fp32_path, data, settings, progress=progress, keep_stats=True)
+        base_stats, first = fp32.pop("image_stats"), {}
         for m, n, rec in recipes:
             q = quantize_ort(fp32_path, tmp / f"{m}-{n}" / "int8.onnx", rec, paths, progress=progress)
-            r = evaluate(tmp / f"{m}-{n}" / "int8.onnx", data, settings, progress=progress)
-            rows.append({"method": m, "calib_size": n, **r["metrics"],
-                         "delta_mAP50-95": r["metrics"]["mAP50-95"] - fp32["metrics"]["mAP50-95"],
-                         "delta_mAP50": r["metrics"]["mAP50"] - fp32["metrics"]["mAP50"],
-                         "calibration_s": q["calibration"]["seconds"]})
+            r = evaluate(tmp / f"{m}-{n}" / "int8.onnx", data, settings, progress=progress, keep_stats=True)
+            stats = r.pop("image_stats")
+            row = {"method": m, "calib_size": n, **r["metrics"],
+                   "delta_mAP50-95": r["metrics"]["mAP50-95"] - fp32["metrics"]["mAP50-95"],
+                   "delta_ci95_mAP50-95": delta_interval(base_stats, stats),
+                   "delta_mAP50": r["metrics"]["mAP50"] - fp32["metrics"]["mAP50"],
+                   "calibration_s": q["calibration"]["seconds"]}
+            if n in first:  # against the first method at this size, on the same images
+                ref_method, ref_stats, ref_map = first[n]
+                row["vs_first"] = {"method": ref_method, "delta_mAP50-95": r["metrics"]["mAP50-95"] - ref_map,
+                                   "ci95": delta_interval(ref_stats, stats)}
+            else:
+                first[n] = (m, stats, r["metrics"]["mAP50-95"])
+            rows.append(row)
     command = command_line(argv) if argv else None
     result = {"command": command, "model": str(model), "data": str(data), "calibration": str(calib),
               "recipe": base.to_dict(), "fp32": fp32["metrics"], "imgsz": fp32["settings"]["imgsz"], "rows": rows,
@@ -148,10 +161,19 @@ def bench_sweep(model: str | Path, data: str | Path, calib: str | Path, out: str
              f"Reproduce: `{command}`" if command else "", "",
              f"FP32: mAP50 {f['mAP50']:.4f}, mAP50-95 {f['mAP50-95']:.4f} on {fp32['data']['images']} images of "
              f"`{data}` (imgsz {fp32['settings']['imgsz']}); calibration images from `{calib}` (first N, stratified).",
-             "", "| method | N | mAP50 | mAP50-95 | Δ mAP50-95 | calibration s |", "|---|---|---|---|---|---|"]
+             "", f"Δ against FP32, and against {methods[0]} at the same N, with the 95% interval (paired bootstrap "
+             f"over the {fp32['data']['images']} images).", "",
+             f"| method | N | mAP50 | mAP50-95 | Δ mAP50-95 [95% CI] | vs {methods[0]} [95% CI] | calibration s |",
+             "|---|---|---|---|---|---|---|"]
+
+    def ci(lo_hi):
+        return f"[{lo_hi[0]:+.4f}, {lo_hi[1]:+.4f}]"
+
     for r in rows:
+        v = r.get("vs_first")
+        vs = f"{v['delta_mAP50-95']:+.4f} {ci(v['ci95'])}" if v else "—"
         lines.append(f"| {r['method']} | {r['calib_size']} | {r['mAP50']:.4f} | {r['mAP50-95']:.4f} | "
-                     f"{r['delta_mAP50-95']:+.4f} | {r['calibration_s']:.1f} |")
+                     f"{r['delta_mAP50-95']:+.4f} {ci(r['delta_ci95_mAP50-95'])} | {vs} | {r['calibration_s']:.1f} |")
     summary = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(summary)
     return summary

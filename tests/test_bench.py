@@ -31,6 +31,12 @@ def test_bench_sweep_and_calib_memory(default_weights, synth_small, tmp_path):
     assert [(row["method"], row["calib_size"]) for row in s["rows"]] == [("minmax", 8), ("percentile", 8)]
     for row in s["rows"]:
         assert abs(row["delta_mAP50-95"] - (row["mAP50-95"] - s["fp32"]["mAP50-95"])) < 1e-12
+        lo, hi = row["delta_ci95_mAP50-95"]
+        assert lo <= hi
+    first, second = s["rows"]
+    assert "vs_first" not in first and second["vs_first"]["method"] == "minmax"
+    assert abs(second["vs_first"]["delta_mAP50-95"] - (second["mAP50-95"] - first["mAP50-95"])) < 1e-12
+    assert "| vs minmax [95% CI] |" in (tmp_path / "s" / "summary.md").read_text()
     r = run_cli("bench", "calib-memory", str(default_weights), "--imgsz", "96", "--calib", str(manifest),
                 "--out", str(tmp_path / "m"), "--sizes", "8,8")
     assert r.returncode == 0, r.stderr

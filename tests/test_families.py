@@ -153,3 +153,17 @@ def test_the_inc_engine_on_stock_yolo11n(tmp_path, calib, synth_small):
     q = qbench.quantize(weights_of("yolo11n"), tmp_path / "inc" / "int8.onnx", qbench.IncConfig(max_trials=1),
                         calib=calib, data=synth_small)
     assert q.engine == "inc" and q.model.is_file() and q.report["graph"]["qlinearconv"] > 50
+
+
+@pytest.mark.slow
+def test_mse_ranges_on_stock_families(family_run, tmp_path, calib):
+    """The consumer-aware ranges know SiLU (Sigmoid·Mul) and leave attention's tensors plain; the INT8 model they
+    make passes the output sanity check against FP32."""
+    from qbench.quantization import quantize_ort
+
+    family, out = family_run
+    silus = json.loads((out / "inspect.json").read_text())["summary"]["silus"]
+    rep = quantize_ort(out / "fp32.onnx", tmp_path / "int8.onnx", "mse", calib)
+    found = rep["calibration"]["consumer_aware_ranges"]["by_consumer"]
+    assert found["silu"] == silus and "leaky" not in found and found["identity"] > 20
+    assert not rep["sanity"]["flagged"], rep["sanity"]

@@ -387,7 +387,7 @@ def test_streamed_histograms_equal_ort_one_shot(leaky_onnx, calib, tmp_path):
     ops = ort_engine._op_types_to_quantize()
     reader = CalibrationReader(paths, IMGSZ, "images")
     recipe = load_recipe("entropy").replace(num_bins=256)  # small enough for a fast KL search
-    ours, _, seeded = ort_engine._calibrate(pre, tmp_path, recipe, reader, ops, leaky_onnx)
+    ours, _, seeded, _ = ort_engine._calibrate(pre, tmp_path, recipe, reader, ops, leaky_onnx)
     assert len(paths) > ort_engine.CHUNK_IMAGES  # really several chunks
     assert reader.images_read == 2 * len(paths)  # a min/max pass, then the histograms
     with contextlib.redirect_stdout(io.StringIO()):

@@ -88,7 +88,9 @@ from .shift import SOURCES as SHIFT_SOURCES
 LOG = logging.getLogger("qbench")
 
 CHUNK_IMAGES = 4  # images per calibrator.collect_data call: bounds the activations held at once
-METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
+# mse collects ORT's signed "distribution" histograms and picks each range itself (ranges.py)
+METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution",
+                "mse": "Distribution"}
 RECIPE_FILE = "recipe.yaml"
 
 
@@ -224,7 +226,8 @@ def _seed_histograms(calibrator, minmax) -> int:
 def _calibrate(model_path: Path, workdir: Path, recipe: Recipe, reader: CalibrationReader, op_types: list[str],
                source: Path):
     """Ranges for every tensor ORT may quantize, streamed chunk by chunk; histogram methods take a min/max pass
-    first (see `_seed_histograms`). Returns (TensorsData, CalibrationMethod, tensors seeded)."""
+    first (see `_seed_histograms`). Returns (TensorsData, CalibrationMethod, tensors seeded, the `mse` search's summary
+    or None)."""
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator
 
@@ -236,7 +239,7 @@ def _calibrate(model_path: Path, workdir: Path, recipe: Recipe, reader: Calibrat
         opts["num_bins"] = recipe.effective_num_bins
     if recipe.method == "percentile":
         opts["percentile"] = recipe.effective_percentile
-    seeded = 0
+    seeded, searched = 0, None
     # ORT prints progress lines; its distribution method can take the sqrt of a tiny negative variance (a nan std
     # that int8 does not use)
     with contextlib.redirect_stdout(io.StringIO()), np.errstate(invalid="ignore"):
@@ -255,7 +258,11 @@ def _calibrate(model_path: Path, workdir: Path, recipe: Recipe, reader: Calibrat
             if minmax is not None:
                 seeded = _seed_histograms(calibrator, minmax)
             _collect(calibrator, reader)
-            ranges = calibrator.compute_data()
+            if recipe.method == "mse":
+                ranges, searched = _mse_ranges(calibrator, model_path, recipe)
+                method = CalibrationMethod.MinMax  # the ranges are plain (lowest, highest) pairs now
+            else:
+                ranges = calibrator.compute_data()
             del calibrator
         except ValueError as e:
             if "bins" not in str(e):
@@ -264,7 +271,24 @@ def _calibrate(model_path: Path, workdir: Path, recipe: Recipe, reader: Calibrat
                               f"the calibration images, so ONNX Runtime cannot build its histogram ({e}; typical of "
                               f"an untrained model); use 'method: minmax' in recipe {recipe.name} or a trained "
                               "model.") from e
-    return ranges, method, seeded
+    return ranges, method, seeded, searched
+
+
+def _mse_ranges(calibrator, model_path: Path, recipe: Recipe):
+    """Recipe `method: mse`: each tensor's consumer-aware error-minimising range from the calibrator's signed
+    histograms (ranges.py), as the (lowest, highest) TensorsData ORT's min/max calibrator would have returned."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
+    from .ranges import consumer_functions, mse_ranges
+
+    kinds = consumer_functions(onnx.load(str(model_path), load_external_data=False))
+    levels = 254 if recipe.activation_symmetric else 255  # a symmetric int8 grid has 2 * 127 steps
+    found, summary = mse_ranges(calibrator.collector.histogram_dict, kinds, recipe.activation_symmetric, levels)
+    return TensorsData(CalibrationMethod.MinMax, {
+        name: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
+        for name, (lo, hi) in found.items()}), summary
 
 
 def _load_ranges(path: Path, model_path: Path, op_types: list[str]):
@@ -290,7 +314,7 @@ def _load_ranges(path: Path, model_path: Path, op_types: list[str]):
     if len(missing) > 0.5 * len(wanted) or not set(data) & wanted:
         raise QbenchError(f"ranges file '{path}' does not fit this model ({len(missing)} of {len(wanted)} tensors "
                           f"have no range, e.g. {missing[:3]}); use ranges from a model with the same graph.")
-    return tensors, tensors.calibration_method, 0
+    return tensors, tensors.calibration_method, 0, None
 
 
 def _ort_has_calibration_cache() -> bool:
@@ -449,6 +473,9 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         if not _ort_has_calibration_cache():
             raise QbenchError(f"this ONNX Runtime ({ort.__version__}) cannot take precomputed ranges "
                               "(quantize_static has no calibration_cache_path); install onnxruntime >= 1.22.")
+    elif recipe.method == "mse" and not _ort_has_calibration_cache():
+        raise QbenchError(f"recipe {recipe.name}: 'method: mse' hands its ranges to quantize_static as a calibration "
+                          f"cache, which this ONNX Runtime ({ort.__version__}) lacks; install onnxruntime >= 1.22.")
     elif not paths:
         raise QbenchError("the calibration set is empty; pass at least 8 training images (default 128), "
                           "e.g. a manifest from `qbench calib`.")
@@ -555,12 +582,12 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         passes = 1 if recipe.method == "minmax" else 2  # histogram methods: a min/max pass, then the histograms
         ranges_file = ranges
         if ranges_file is not None:
-            ranges, method, seeded = _load_ranges(ranges_file, pre, op_types)
+            ranges, method, seeded, searched = _load_ranges(ranges_file, pre, op_types)
             passes, reader = 0, None
         else:
             with bar(len(used) * passes, "Calibrating", progress) as advance:
                 reader = CalibrationReader(used, imgsz, info["input_name"], batch=batch, on_batch=advance)
-                ranges, method, seeded = _calibrate(pre, work, recipe, reader, op_types, src)
+                ranges, method, seeded, searched = _calibrate(pre, work, recipe, reader, op_types, src)
             if reader.images_read != len(used) * passes:
                 raise RuntimeError(f"calibration read {reader.images_read} images, expected {len(used) * passes}")
         seconds["calibration"] = time.perf_counter() - t
@@ -688,6 +715,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
                         "batch": batch, "method": recipe.method, "num_bins": recipe.effective_num_bins,
                         "percentile": recipe.effective_percentile, "ranges": cache_mode, "passes": passes,
                         "histograms_presized": seeded,
+                        **({"consumer_aware_ranges": searched} if searched is not None else {}),
                         "seconds": round(seconds["calibration"], 3)},
         "preprocess": {"shape_inference": shape_mode},
         "head": {**asdict(head), "decode_nodes": len(head.decode), "qdq_in_decode": violations}

@@ -8,10 +8,14 @@ optional `resolved:` section it can carry (the node names the engine excluded)
 is informational and ignored on load, so a written recipe.yaml loads again.
 
 Keys (defaults in brackets):
-  method            minmax | entropy | percentile | distribution   [minmax]
+  method            minmax | entropy | percentile | distribution | mse   [minmax]
+                    mse: qbench's consumer-aware ranges (qbench/quantization/ranges.py): each tensor's range
+                    minimises the squared error *after* the op that reads it (a Conv output feeding
+                    LeakyReLU(0.1) has its negative side's error divided by 10, so its negative tail is clipped
+                    harder; Relu, SiLU and plain tensors get their own weighting), from signed histograms
   percentile        float in [90, 100], method percentile only     [99.999]
-  num_bins          histogram bins, methods entropy/percentile/distribution only
-                    [entropy 128, percentile/distribution 2048 (ORT's defaults)]
+  num_bins          histogram bins, histogram methods (entropy/percentile/distribution/mse) only
+                    [entropy 1024, percentile/distribution/mse 2048]
   calib_size        calibration images used (a prefix of the manifest) [128], at least 8
   per_channel       per-output-channel weight scales                [true]
   activation_type   uint8 | int8                                    [uint8]
@@ -67,8 +71,8 @@ from ..files import atomic_write_text, display_path, read_yaml
 from ..resources import shipped
 
 RECIPES_DIR = shipped("configs") / "recipes"
-METHODS = ("minmax", "entropy", "percentile", "distribution")
-HIST_METHODS = ("entropy", "percentile", "distribution")
+METHODS = ("minmax", "entropy", "percentile", "distribution", "mse")
+HIST_METHODS = ("entropy", "percentile", "distribution", "mse")
 ACT_TYPES = ("uint8", "int8")
 WEIGHT_TYPES = ("int8", "uint8")
 FORMATS = ("qdq",)
@@ -83,7 +87,7 @@ DEFAULT_PERCENTILE = 99.999
 # 128 bins there is one candidate, the full range, so "entropy" silently equals minmax. TensorRT uses 2048; 1024
 # keeps ORT's pure-Python KL search (quadratic in bins) practical on a CPU.
 ENTROPY_QUANTIZED_BINS = 128
-DEFAULT_NUM_BINS = {"entropy": 1024, "percentile": 2048, "distribution": 2048}
+DEFAULT_NUM_BINS = {"entropy": 1024, "percentile": 2048, "distribution": 2048, "mse": 2048}
 INFO_KEYS = ("resolved",)  # written by the engine next to a model, ignored on load
 
 
@@ -222,7 +226,7 @@ def recipe_from_dict(data: dict, name: str = "custom", kind: str = "recipe") -> 
             raise QbenchError(f"{label}: 'num_bins' is only used by the histogram methods "
                               f"({', '.join(HIST_METHODS)}), not '{method}'; remove it or change 'method'.")
         # ORT's distribution calibrator needs 512+; entropy needs more bins than its 128 quantized bins to search
-        lo = {"distribution": 512, "entropy": 2 * ENTROPY_QUANTIZED_BINS}.get(method, NUM_BINS_RANGE[0])
+        lo = {"distribution": 512, "mse": 512, "entropy": 2 * ENTROPY_QUANTIZED_BINS}.get(method, NUM_BINS_RANGE[0])
         nb = _int(label, "num_bins", nb, lo, NUM_BINS_RANGE[1], f" for method {method}")
     r["num_bins"] = nb
     r["calib_size"] = _int(label, "calib_size", d.get("calib_size", 128), MIN_CALIB, MAX_CALIB,
