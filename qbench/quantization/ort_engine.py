@@ -81,6 +81,7 @@ from ..runtime import ort_session
 from .constraints import activations_to_uint8, apply_constraints
 from .equalize import MAX_IMAGES, equalization_tag, equalize
 from .recipe import MAX_OPSET, MIN_CALIB, Recipe, load_recipe, write_recipe
+from .ranges import consumer_functions, mse_ranges
 from .shift import ABSORBED, shift_negative, snap_shifts
 from .shift import MAX_IMAGES as SHIFT_IMAGES
 from .shift import SOURCES as SHIFT_SOURCES
@@ -280,8 +281,6 @@ def _mse_ranges(calibrator, model_path: Path, recipe: Recipe):
     import onnx
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import TensorData, TensorsData
-
-    from .ranges import consumer_functions, mse_ranges
 
     kinds = consumer_functions(onnx.load(str(model_path), load_external_data=False))
     levels = 254 if recipe.activation_symmetric else 255  # a symmetric int8 grid has 2 * 127 steps
