@@ -86,6 +86,8 @@ def test_the_activation_matrix_names_each_runs_own_activations(tmp_path):
     md = (tmp_path / "side" / "summary.md").read_text()
     table = md.split("### All runs: Δ mAP50-95 per INT8 variant", 1)[1]
     rows = {ln.split("|")[1].strip(): ln for ln in table.splitlines() if ln.startswith("| gtsdb4-")}
-    assert "| ReLU x57 |" in rows["gtsdb4-l3-relu-640"] and "LeakyReLU x0" not in md
+    # the ReLU run's inspection now has the full census (ONNX op type Relu, shown as people write it)
+    assert rows["gtsdb4-l3-relu-640"].split("|")[2].strip().startswith("ReLU x57") and "LeakyReLU x0" not in md
+    assert "Relu x" not in md
     assert "| LeakyReLU x57 (57 unfused) |" in rows["gtsdb4-l3-leaky-640"]
     assert "| FP32 mAP50 | FP32 mAP50-95 |" in table and "| 0.7844 | 0.5920 |" in rows["gtsdb4-l3-relu-640"]

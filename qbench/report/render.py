@@ -171,6 +171,9 @@ def _class_table(run: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+DISPLAY_NAMES = {"LeakyRelu": "LeakyReLU", "Relu": "ReLU", "PRelu": "PReLU"}  # ONNX op type -> the name people use
+
+
 def _activations_text(s: dict, model_census: dict | None = None) -> str:
     """'LeakyReLU x57 (57 unfused), SiLU x0' style census of an inspection summary. Inspections by older qbench
     versions counted LeakyReLU only: then the run's model.json census (`model_census`) says what the model has."""
@@ -185,7 +188,7 @@ def _activations_text(s: dict, model_census: dict | None = None) -> str:
     parts = []
     for k, n in census.items():
         unf = {"LeakyRelu": s.get("unfused_leaky_relus"), "SiLU": s.get("unfused_silus")}.get(k)
-        parts.append(f"{'LeakyReLU' if k == 'LeakyRelu' else k} x{n}" + (f" ({unf} unfused)" if unf else ""))
+        parts.append(f"{DISPLAY_NAMES.get(k, k)} x{n}" + (f" ({unf} unfused)" if unf else ""))
     return ", ".join(parts) or "none"
 
 
