@@ -316,10 +316,11 @@ def inspect(fp32: PathLike, int8: PathLike, calib: CalibrationSet | PathLike, da
 
 
 def run(weights: PathLike | None = None, data: PathLike | None = None, out: PathLike | None = None, *,
-        recipe: str | PathLike = "default", calib: CalibrationSet | PathLike | None = None,
+        recipe: str | PathLike | None = None, calib: CalibrationSet | PathLike | None = None,
         profile: str | None = None, fusion: str | None = None, profiles: list[str] | None = None,
         both_fusions: bool = False, baseline: bool = False, progress: bool = False, **kw) -> RunResult:
-    """The main job (`qbench run`): export, calibrate, quantize, evaluate both, compare, into a run folder."""
+    """The main job (`qbench run`): export, calibrate, quantize, evaluate both, compare, into a run folder.
+    recipe None: `default`, or `mean-minmax` with runtime="openvino" and no profile/fusion (pipeline.default_layout)."""
     if isinstance(calib, CalibrationSet):
         calib = calib.source
     folder = _run(weights=weights, data=data, out=out, recipe=recipe, calib=calib, profile=profile, fusion=fusion,

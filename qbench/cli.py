@@ -331,7 +331,9 @@ def run(
     imgsz: Optional[int] = typer.Option(None, help="Default: the size the model was trained at."),
     batch: int = typer.Option(16),
     threads: Optional[int] = typer.Option(None),
-    recipe: str = typer.Option("default", help="Quantization recipe (configs/recipes/ name or YAML path)."),
+    recipe: Optional[str] = typer.Option(None, help="Quantization recipe (configs/recipes/ name or YAML path; "
+                                         "default: default, or mean-minmax with --runtime openvino and no "
+                                         "--profile/--fusion)."),
     calib_manifest: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest (default: sample the train split)."),
     baseline: bool = typer.Option(False, "--baseline", help="Also score ultralytics' own export(format='onnx', quantize=8)."),
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),

@@ -7,8 +7,12 @@ calibration set):
 - qbench default: ONNX Runtime's layout (Conv output requantized before its activation), run by ONNX Runtime;
 - qbench fused: the `cpu` profile with Conv+activation fused, run by OpenVINO (which runs that layout in int8;
   ONNX Runtime's CPU EP runs it in float);
+- qbench openvino: what `qbench run --runtime openvino` makes: the `openvino` profile (Conv+activation fused,
+  Concat inputs sharing the output's grid, the head's last convs writing float) with the `mean-minmax` recipe,
+  run by OpenVINO;
 - NNCF (ONNX backend, MIXED preset, the YOLO decode in its ignored scope, fast bias correction): run by OpenVINO
-  and, separately, by ONNX Runtime;
+  and, separately, by ONNX Runtime; and its model with the int8 activation Q/DQ rewritten as uint8 (zero point
+  + 128: the same values), run by OpenVINO, which mis-runs signed int8 activations with a non-zero zero point;
 - ONNX Runtime's `quantize_static` called as a plain user would (its defaults: QDQ, per-tensor weights, MinMax);
 - ultralytics' `export(format="onnx", quantize=8)` (which calibrates on the val split: flattered);
 - the FP32 model on OpenVINO (what the runtime alone gives).
@@ -36,6 +40,7 @@ from .files import check_writable, command_line, scratch, write_json
 from .graph.detector import check_detector, find_head
 from .models.export import export_onnx
 from .quantization.baseline import ultralytics_int8
+from .quantization.constraints import activations_to_uint8
 from .quantization.ort_engine import quantize_ort
 from .quantization.profile import apply_profile
 from .runtime import default_threads
@@ -102,7 +107,18 @@ def bench_peers(weights: str | os.PathLike, data: str | os.PathLike, calib, out:
                      progress=progress, threads=threads)
         tools["qbench fused"] = {"tool": f"qbench {__version__}", "settings": "recipe default, profile cpu, "
                                  "Conv+activation fused"}
+        quantize_ort(fp32, td / "openvino" / "int8.onnx", apply_profile("mean-minmax", "openvino"), paths,
+                     progress=progress, threads=threads)
+        tools["qbench openvino"] = {"tool": f"qbench {__version__}", "settings": "recipe mean-minmax, profile "
+                                    "openvino (what `qbench run --runtime openvino` makes)"}
         tools["nncf"] = _nncf(fp32, td / "nncf.onnx", paths, size)
+        nncf_u8 = onnx.load(str(td / "nncf.onnx"))
+        rewritten = activations_to_uint8(nncf_u8)
+        onnx.save(nncf_u8, str(td / "nncf-u8.onnx"))
+        del nncf_u8
+        tools["nncf u8"] = {**tools["nncf"], "settings": tools["nncf"]["settings"] + "; then its "
+                            f"{rewritten['quantize_nodes']} int8 activation quantizers rewritten as uint8 (zero point "
+                            "+ 128, the same values) by qbench"}
         tools["ort quantize_static"] = _ort_plain(fp32, td / "ort-plain.onnx", paths, size)
         ultralytics_int8(weights, data, td / "ultralytics.onnx", size)
         tools["ultralytics"] = {"tool": "ultralytics export(format='onnx', quantize=8)",
@@ -111,7 +127,9 @@ def bench_peers(weights: str | os.PathLike, data: str | os.PathLike, calib, out:
             "fp32 @openvino": (fp32, "openvino", None),
             "qbench default @ort": (td / "default" / "int8.onnx", "ort", "qbench default"),
             "qbench fused @openvino": (td / "fused" / "int8.onnx", "openvino", "qbench fused"),
+            "qbench openvino @openvino": (td / "openvino" / "int8.onnx", "openvino", "qbench openvino"),
             "nncf @openvino": (td / "nncf.onnx", "openvino", "nncf"),
+            "nncf u8 @openvino": (td / "nncf-u8.onnx", "openvino", "nncf u8"),
             "nncf @ort": (td / "nncf.onnx", "ort", "nncf"),
             "ort quantize_static @ort": (td / "ort-plain.onnx", "ort", "ort quantize_static"),
             "ultralytics @ort": (td / "ultralytics.onnx", "ort", "ultralytics"),

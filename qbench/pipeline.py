@@ -65,7 +65,8 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
 
     settings = EvalSettings(batch=batch, threads=threads, runtime=runtime)  # bad values: refused before any work
     layout = default_layout(runtime) if profile is None and fusion is None else None
-    rec = apply_profile(recipe, *(layout["profile"], layout["fusion"]) if layout else (profile, fusion))
+    base = recipe or "default"  # what --profiles variants start from
+    rec = apply_profile(recipe or (layout["recipe"] if layout else "default"), *(layout["profile"], layout["fusion"]) if layout else (profile, fusion))
     loaded_targets = [load_profile(t) for t in targets or []]
     for t in loaded_targets:
         if t.ops is None:
@@ -73,7 +74,7 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
                               f"--profiles, and to --target one of: {', '.join(targets_with_ops())}.")
     names = list(profiles or [])
     names += [t.name for t in loaded_targets if t.settings and t.name not in {load_profile(p).name for p in names}]
-    variants = profile_variants(recipe, names, fusions) if names else {}
+    variants = profile_variants(base, names, fusions) if names else {}
     weights = Path(weights) if weights else default_weights()
     if data is None and calib is None:  # the embedded set calibrates on its committed manifest (hash-verified)
         calib = DEFAULT_CALIB
@@ -184,12 +185,15 @@ def _publish(stage: Path, out: Path, auto: bool) -> Path:
 
 def default_layout(runtime: str) -> dict | None:
     """The INT8 layout `qbench run` picks when none is asked for: the most accurate one the runtime runs at int8
-    speed. ONNX Runtime's CPU EP has int8 kernels for Conv then LeakyReLU/SiLU each requantized (its own QDQ
-    layout) and none for a fused Conv+activation, which it runs in float; OpenVINO fuses Conv+activation in int8,
-    and keeping the Conv output unrequantized is what the fused layout's accuracy comes from (docs/runtimes.md)."""
+    speed, and the recipe it goes with when none is given. ONNX Runtime's CPU EP has int8 kernels for Conv then
+    LeakyReLU/SiLU each requantized (its own QDQ layout) and none for a fused Conv+activation, which it runs in
+    float; OpenVINO fuses Conv+activation in int8 (keeping the Conv output unrequantized is where the accuracy comes
+    from) and concatenates int8 only with shared scales: the `openvino` profile, with the `mean-minmax` ranges
+    (docs/runtimes.md has the measurements)."""
     if runtime == "openvino":
-        return {"profile": "cpu", "fusion": "fused",
-                "why": "OpenVINO: Conv+activation fused (the most accurate layout it runs in int8)"}
+        return {"profile": "openvino", "fusion": None, "recipe": "mean-minmax",
+                "why": "OpenVINO: profile openvino (Conv+activation fused, Concat on shared scales, float head "
+                       "outputs: the most accurate layout it runs in int8), recipe mean-minmax unless --recipe"}
     return None  # ORT: the recipe as given (its layout: Conv output requantized before the activation)
 
 

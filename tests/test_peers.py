@@ -21,7 +21,10 @@ def test_peers_table_scores_every_tool_through_its_runtime(tmp_path, default_wei
     p = json.loads((out / "peers.json").read_text())
     rows = {row["name"]: row for row in p["rows"]}
     assert set(rows) == {"fp32 @ort", "fp32 @openvino", "qbench default @ort", "qbench fused @openvino",
-                         "nncf @openvino", "nncf @ort", "ort quantize_static @ort", "ultralytics @ort"}
+                         "qbench openvino @openvino", "nncf @openvino", "nncf u8 @openvino", "nncf @ort",
+                         "ort quantize_static @ort", "ultralytics @ort"}
+    assert "profile openvino" in rows["qbench openvino @openvino"]["tool"]["settings"]
+    assert "rewritten as uint8" in rows["nncf u8 @openvino"]["tool"]["settings"]
     assert {row["runtime"] for row in rows.values()} == {"ort", "openvino"}
     assert rows["fp32 @ort"]["speedup_batch1"] == 1.0 and rows["fp32 @ort"]["delta_mAP50-95"] == 0
     for name, row in rows.items():

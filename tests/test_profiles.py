@@ -22,7 +22,7 @@ from qbench.quantization import (
     recipe_from_dict,
 )
 from qbench.quantization.constraints import pow2_ceil, round_scales_to_pow2
-from qbench.quantization.profile import PROFILE_KEYS, TARGET_KEYS
+from qbench.quantization.profile import OPTIONAL_PROFILE_KEYS, PROFILE_KEYS, TARGET_KEYS
 
 N_ACTIVATIONS = 57  # activations after a Conv in the level-3 YOLO (every Conv block, Detect's included)
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -107,7 +107,10 @@ def run_finite(path, calib) -> np.ndarray:
 
 # --------------------------------------------------------------------------- profiles and recipe keys
 def test_shipped_profiles():
-    assert available_profiles() == ["cpu", "npu-symmetric", "npu-symmetric-pow2", "nxp-neutron", "rknn-rk3588"]
+    assert available_profiles() == ["cpu", "npu-symmetric", "npu-symmetric-pow2", "nxp-neutron", "openvino",
+                                    "rknn-rk3588"]
+    assert load_profile("openvino").settings == {**load_profile("cpu").settings, "activation_fusion": "fused",
+                                                 "shared_concat_scales": True, "float_head_outputs": True}
     cpu, sym, pow2 = (load_profile(p) for p in ("cpu", "npu-symmetric", "npu-symmetric-pow2"))
     assert (cpu.int_types, sym.int_types, pow2.int_types) == (("int8",), ("int8", "int16"), ("int8", "int16"))
     assert load_profile("rknn-rk3588").settings == {**cpu.settings, "activation_type": "int8",
@@ -137,7 +140,7 @@ def test_shipped_profiles():
 def test_profile_loader_refuses_bad_keys_and_values(tmp_path):
     good = "".join(f"{k}: {v}\n" for k, v in load_profile("npu-symmetric").settings.items()).lower()
     f = tmp_path / "mynpu.yaml"
-    allowed = ", ".join(PROFILE_KEYS + TARGET_KEYS)
+    allowed = ", ".join(PROFILE_KEYS + OPTIONAL_PROFILE_KEYS + TARGET_KEYS)
     cases = {
         good + "foo: 1\n": f"target mynpu: unknown key 'foo'; allowed: {allowed}.",
         good + "method: entropy\n": "target mynpu: 'method' is a recipe key, not a hardware key; a target holds "

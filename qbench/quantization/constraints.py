@@ -12,6 +12,15 @@ never from node names.
 - `fuse_shifts`: a shift-negative Add (recipe key shift_negative) and the activation before it are one op, so
   the Q/DQ pair between them is removed; `correct_shift_biases` then recomputes the bias each shift went into
   from the Conv's final (dequantized) weights.
+- `share_concat_scales`: the runtime concatenates int8 codes only when every input of a Concat has the Concat
+  output's scale and zero point (OpenVINO's CPU plugin, and most NPUs; otherwise it requantizes each input in
+  float), and passes values through Split, MaxPool and Resize on their input's grid. Each group of tensors
+  linked by those ops gets one range, the union of its members' calibrated ranges, and the Q/DQ pair after a
+  pass-through op whose output now has its input's grid is removed (the values are unchanged). Every int32 Conv
+  bias whose input scale changed is requantized to input scale x weight scale.
+- `float_head_outputs`: the last Conv of each detect-head branch writes float (its int32 accumulator dequantized)
+  instead of requantizing the box and class logits to 8 bits before the float decode; the Q/DQ pair on its
+  output is removed.
 - `round_scales_to_pow2`: every scale a power of two, rounded UP (2**ceil(log2(s))) so nothing inside the
   calibrated range is clipped. Activation scales are rounded in place; weights are requantized with their new
   scales from the FLOAT weights (looked up in the FP32 model through the node that reads them), and every int32
@@ -147,6 +156,169 @@ def fuse_conv_activations(model) -> dict:
     if removed:
         _remove_nodes(graph, removed)
     return {"fused": dict(sorted(fused.items())), "qdq_pairs_removed": len(removed) // 2}
+
+
+# --------------------------------------------------------------------------- shared concat scales
+PASS_THROUGH = ("Split", "MaxPool", "Resize")  # ops whose output values lie on their input's grid
+
+
+def _dq_params(g: _Graph, tensor: str):
+    """(scale, zero point) initializer names of the DequantizeLinear that produces `tensor`, else None."""
+    p = g.producer.get(tensor)
+    if p is None or p.op_type != "DequantizeLinear" or len(p.input) < 3 or p.input[1] not in g.init \
+            or p.input[2] not in g.init:
+        return None
+    return p.input[1], p.input[2]
+
+
+def _q_after(g: _Graph, tensor: str):
+    """The one QuantizeLinear reading `tensor` when it is `tensor`'s only reader (and has a zero point), else None."""
+    q = g.only_consumer(tensor, "QuantizeLinear")
+    if q is None or len(q.input) < 3 or q.input[1] not in g.init or q.input[2] not in g.init:
+        return None
+    return q
+
+
+def _range(g: _Graph, params) -> tuple[float, float]:
+    """The float range a per-tensor (scale, zero point) pair represents."""
+    s, z = float(g.array(params[0])), g.array(params[1])
+    info = np.iinfo(z.dtype)
+    return (info.min - int(z)) * s, (info.max - int(z)) * s
+
+
+def _requantize_conv_biases(g: _Graph) -> int:
+    """Every Conv whose int32 bias scale is no longer input scale x weight scale gets its bias requantized (from
+    its dequantized value) to that scale, as integer kernels assume; returns how many."""
+    n = 0
+    for conv in g.graph.node:
+        if conv.op_type != "Conv" or len(conv.input) < 3:
+            continue
+        dq_x, dq_w, dq_b = (g.producer.get(t) for t in conv.input[:3])
+        if not all(d is not None and d.op_type == "DequantizeLinear" for d in (dq_x, dq_w, dq_b)) \
+                or dq_b.input[0] not in g.init or dq_x.input[1] not in g.init:
+            continue
+        old = g.array(dq_b.input[1])
+        want = (g.array(dq_x.input[1]).astype(np.float32) * g.array(dq_w.input[1]).astype(np.float32))
+        want = want.astype(np.float32).reshape(old.shape)
+        if np.array_equal(old, want):
+            continue
+        value = g.array(dq_b.input[0]).astype(np.float64) * old.astype(np.float64)
+        g.set_array(dq_b.input[0], np.clip(np.round(value / want.astype(np.float64)), -2**31, 2**31 - 1)
+                    .astype(np.int32))
+        g.set_array(dq_b.input[1], want)
+        n += 1
+    return n
+
+
+def share_concat_scales(model) -> dict:
+    """One (scale, zero point) per group of tensors joined by Concat, Split, MaxPool and Resize (see the module
+    doc), in place. Returns {"groups": n, "tensors_rescaled": n, "qdq_pairs_removed": n, "biases_requantized": n}."""
+    graph = model.graph
+    g = _Graph(graph)
+    parent: dict = {}
+
+    def find(a):
+        parent.setdefault(a, a)
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for node in graph.node:
+        if node.op_type != "Concat" and node.op_type not in PASS_THROUGH:
+            continue
+        inputs = list(node.input) if node.op_type == "Concat" else [node.input[0]]
+        qs = [_q_after(g, o) for o in node.output]
+        members = [_dq_params(g, t) for t in inputs] + [(q.input[1], q.input[2]) if q is not None else None
+                                                          for q in qs]
+        if any(m is None for m in members) or any(np.size(g.array(m[0])) != 1 for m in members):
+            continue
+        if len({g.init[m[1]].data_type for m in members}) != 1:
+            continue
+        for m in members[1:]:
+            parent[find(m)] = find(members[0])
+    groups: dict = {}
+    for m in list(parent):
+        groups.setdefault(find(m), []).append(m)
+    rescaled = 0
+    shared = [ms for ms in groups.values() if len(ms) > 1]
+    for members in shared:
+        zdtype = g.array(members[0][1]).dtype
+        info = np.iinfo(zdtype)
+        mid = (int(info.min) + int(info.max) + 1) // 2  # a symmetric quantizer's zero point (0, or 128 for uint8)
+        if all(int(g.array(z)) == mid for _, z in members):  # symmetric: keep the zero point, take the widest
+            scale, zero = np.float32(max(float(g.array(s)) for s, _ in members)), np.array(mid, dtype=zdtype)
+        else:
+            ranges = [_range(g, m) for m in members]
+            lo, hi = min(0.0, *(r[0] for r in ranges)), max(0.0, *(r[1] for r in ranges))
+            scale = np.float32((hi - lo) / (int(info.max) - int(info.min))) if hi > lo else np.float32(1.0)
+            zero = np.array(np.clip(round(int(info.min) - lo / float(scale)), info.min, info.max), dtype=zdtype)
+        for s_name, z_name in members:
+            if float(g.array(s_name)) != float(scale) or int(g.array(z_name)) != int(zero):
+                rescaled += 1
+            g.set_array(s_name, np.array(scale, dtype=np.float32).reshape(g.array(s_name).shape))
+            g.set_array(z_name, zero.reshape(g.array(z_name).shape))
+    biases = _requantize_conv_biases(g)
+    # the Q/DQ after a pass-through op (or a Concat) whose output has its inputs' grid changes no value; `through`:
+    # the grid of each output whose pair went (nodes come in topological order, so a chain is followed)
+    removed, pairs, through = set(), 0, {}
+    for node in graph.node:
+        if node.op_type != "Concat" and node.op_type not in PASS_THROUGH:
+            continue
+        inputs = list(node.input) if node.op_type == "Concat" else [node.input[0]]
+        ins = [_dq_params(g, t) or through.get(t) for t in inputs]
+        if any(m is None for m in ins):
+            continue
+        grid = {(float(g.array(s)), int(g.array(z)), g.init[z].data_type) for s, z in ins}
+        for out in node.output:
+            q = _q_after(g, out)
+            if q is None or len(grid) != 1 or \
+                    (float(g.array(q.input[1])), int(g.array(q.input[2])), g.init[q.input[2]].data_type) not in grid:
+                continue
+            dqs = g.consumers.get(q.output[0], [])
+            if not dqs or any(d.op_type != "DequantizeLinear" or d.output[0] in g.outputs for d in dqs) \
+                    or q.output[0] in g.outputs:
+                continue
+            for d in dqs:
+                for reader in g.consumers.get(d.output[0], []):
+                    _rewire(reader, d.output[0], out)
+                removed.add(d.output[0])
+            removed.add(q.output[0])
+            through[out] = (q.input[1], q.input[2])
+            pairs += 1
+    if removed:
+        _remove_nodes(graph, removed)
+    return {"groups": len(shared), "tensors_rescaled": rescaled, "qdq_pairs_removed": pairs,
+            "biases_requantized": biases}
+
+
+# --------------------------------------------------------------------------- float head outputs
+def float_head_outputs(model, branch_convs) -> dict:
+    """Remove the Q/DQ pair on the output of each of `branch_convs` (the detect head's last Conv per branch, which
+    the float decode reads), in place. Returns {"convs": n}."""
+    graph = model.graph
+    g = _Graph(graph)
+    wanted = set(branch_convs)
+    removed, n = set(), 0
+    for conv in graph.node:
+        if conv.name not in wanted or conv.op_type != "Conv":
+            continue
+        out = conv.output[0]
+        q = _q_after(g, out)
+        if q is None or q.output[0] in g.outputs:
+            continue
+        dqs = g.consumers.get(q.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" or d.output[0] in g.outputs for d in dqs):
+            continue
+        for d in dqs:
+            for reader in g.consumers.get(d.output[0], []):
+                _rewire(reader, d.output[0], out)
+            removed.add(d.output[0])
+        removed.add(q.output[0])
+        n += 1
+    if removed:
+        _remove_nodes(graph, removed)
+    return {"convs": n}
 
 
 # --------------------------------------------------------------------------- power-of-two scales
@@ -338,9 +510,11 @@ def correct_shift_biases(model, absorbed: dict) -> dict:
     return {"biases_corrected": done, "max_bias_change": round(max_change, 6)}
 
 
-def apply_constraints(qmodel, recipe, float_model=None, shift_nodes=(), shift_absorbed=None) -> dict:
-    """Apply the recipe's activation_fusion and pow2_scales (and the shift-negative fusion of `shift_nodes`) to
-    ORT's QDQ model in place; a JSON-able report.
+def apply_constraints(qmodel, recipe, float_model=None, shift_nodes=(), shift_absorbed=None,
+                      head_convs=()) -> dict:
+    """Apply the recipe's activation_fusion, shared_concat_scales, float_head_outputs (on `head_convs`, the detect
+    head's branch convs) and pow2_scales (and the shift-negative fusion of `shift_nodes`) to ORT's QDQ model in
+    place; a JSON-able report.
 
     float_model: the FP32 ModelProto (or path) that quantize_static read, for requantizing weights and biases
     from their float values (pow2_scales only).
@@ -350,6 +524,10 @@ def apply_constraints(qmodel, recipe, float_model=None, shift_nodes=(), shift_ab
         report["shift_negative"] = fuse_shifts(qmodel, shift_nodes)
     if recipe.activation_fusion == "fused":
         report.update(fuse_conv_activations(qmodel))
+    if recipe.float_head_outputs:
+        report["float_head_outputs"] = float_head_outputs(qmodel, head_convs)
+    if recipe.shared_concat_scales:
+        report["shared_concat_scales"] = share_concat_scales(qmodel)
     if recipe.pow2_scales:
         if float_model is not None and not hasattr(float_model, "graph"):
             import onnx

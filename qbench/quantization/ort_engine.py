@@ -90,8 +90,10 @@ LOG = logging.getLogger("qbench")
 
 CHUNK_IMAGES = 4  # images per calibrator.collect_data call: bounds the activations held at once
 # mse collects ORT's signed "distribution" histograms and picks each range itself (ranges.py)
-METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution",
-                "mse": "Distribution"}
+# mean_minmax is ORT's min/max calibrator in its moving-average mode, fed one image per inference, with the
+# averaging constant set per chunk so that the result is the exact mean over the images (see `_collect`)
+METHOD_NAMES = {"minmax": "MinMax", "mean_minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile",
+                "distribution": "Distribution", "mse": "Distribution"}
 RECIPE_FILE = "recipe.yaml"
 
 
@@ -172,10 +174,17 @@ def _op_types_to_quantize() -> list[str]:
 
 
 def _collect(calibrator, reader: CalibrationReader) -> None:
-    """Feed a calibrator CHUNK_IMAGES images per collect_data call (ORT holds what one call reads)."""
+    """Feed a calibrator CHUNK_IMAGES images per collect_data call (ORT holds what one call reads).
+
+    A min/max calibrator in moving-average mode averages the per-inference minima and maxima of one call, then
+    merges calls as old + c * (new - old); c = (inferences in this call) / (inferences so far) makes that the
+    exact mean over every inference (ORT's fixed default, 0.01, weighs the first chunk most)."""
     n, k = len(reader), max(1, CHUNK_IMAGES // reader.batch)
+    averaging = getattr(calibrator, "moving_average", False)
     for start in range(0, n, k):
         reader.set_range(start, start + k)
+        if averaging:
+            calibrator.averaging_constant = (min(n, start + k) - start) / min(n, start + k)
         calibrator.collect_data(reader)
     reader.set_range(0, n)
 
@@ -233,8 +242,8 @@ def _calibrate(model_path: Path, workdir: Path, recipe: Recipe, reader: Calibrat
     from onnxruntime.quantization.calibrate import create_calibrator
 
     method = getattr(CalibrationMethod, METHOD_NAMES[recipe.method])
-    opts = {"moving_average": False}
-    if recipe.method in ("minmax", "entropy"):
+    opts = {"moving_average": recipe.method == "mean_minmax"}
+    if recipe.method in ("minmax", "mean_minmax", "entropy"):
         opts["symmetric"] = recipe.activation_symmetric
     if recipe.effective_num_bins is not None:
         opts["num_bins"] = recipe.effective_num_bins
@@ -246,7 +255,7 @@ def _calibrate(model_path: Path, workdir: Path, recipe: Recipe, reader: Calibrat
     with contextlib.redirect_stdout(io.StringIO()), np.errstate(invalid="ignore"):
         try:
             minmax = None
-            if recipe.method != "minmax":
+            if recipe.method not in ("minmax", "mean_minmax"):
                 pre = create_calibrator(model_path, op_types,
                                         augmented_model_path=str(workdir / "augmented_minmax.onnx"),
                                         calibrate_method=CalibrationMethod.MinMax,
@@ -472,8 +481,8 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         if not _ort_has_calibration_cache():
             raise QbenchError(f"this ONNX Runtime ({ort.__version__}) cannot take precomputed ranges "
                               "(quantize_static has no calibration_cache_path); install onnxruntime >= 1.22.")
-    elif recipe.method == "mse" and not _ort_has_calibration_cache():
-        raise QbenchError(f"recipe {recipe.name}: 'method: mse' hands its ranges to quantize_static as a calibration "
+    elif recipe.method in ("mse", "mean_minmax") and not _ort_has_calibration_cache():
+        raise QbenchError(f"recipe {recipe.name}: 'method: {recipe.method}' hands its ranges to quantize_static as a calibration "
                           f"cache, which this ONNX Runtime ({ort.__version__}) lacks; install onnxruntime >= 1.22.")
     elif not paths:
         raise QbenchError("the calibration set is empty; pass at least 8 training images (default 128), "
@@ -578,7 +587,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         del pmodel
 
         t = time.perf_counter()
-        passes = 1 if recipe.method == "minmax" else 2  # histogram methods: a min/max pass, then the histograms
+        passes = 1 if recipe.method in ("minmax", "mean_minmax") else 2  # histogram methods: min/max, histograms
         ranges_file = ranges
         if ranges_file is not None:
             ranges, method, seeded, searched = _load_ranges(ranges_file, pre, op_types)
@@ -625,6 +634,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         def constrained():
             qm = onnx.load(str(qpath))
             return qm, apply_constraints(qm, recipe, pre, shift_nodes=shifted["shift_nodes"] if shifted else (),
+                                         head_convs=head.branch_convs,
                                          shift_absorbed=shifted.pop(ABSORBED) if shifted else None)
 
         qmodel, constraints = constrained()

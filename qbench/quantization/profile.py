@@ -3,7 +3,9 @@ operators it runs (`qbench ops`).
 
 A recipe says how to calibrate and what to keep float; a target says what the hardware can compute:
 - its arithmetic, the hardware keys (PROFILE_KEYS), validated by the recipe validators; a target that sets them is
-  a *profile* (`--profile`), whose INT8 accuracy ONNX Runtime measures on any machine;
+  a *profile* (`--profile`), whose INT8 accuracy ONNX Runtime measures on any machine; it may also set the
+  placement keys (OPTIONAL_PROFILE_KEYS: shared_concat_scales, float_head_outputs), which otherwise come from the
+  recipe;
 - what it runs (TARGET_KEYS): `ops` (ONNX op type -> attribute limits, see OP_CONSTRAINTS), `int_types`,
   `fallback` (unsupported ops run on the host CPU, or the compiler refuses the model) and `source` (the document
   the list comes from). A target may describe only its operators (no arithmetic keys): it then serves `qbench ops`
@@ -42,6 +44,7 @@ from .recipe import (
 PROFILES_DIR = shipped("configs") / "npu"
 PROFILE_KEYS = ("activation_type", "activation_symmetric", "weight_type", "weight_symmetric", "per_channel",
                 "pow2_scales", "activation_fusion")
+OPTIONAL_PROFILE_KEYS = ("shared_concat_scales", "float_head_outputs")  # a profile that omits them leaves the recipe's
 TARGET_KEYS = ("name", "source", "int_types", "fallback", "ops")
 INT_TYPES = ("int8", "int16")
 FALLBACKS = ("cpu", "error")
@@ -108,15 +111,15 @@ def _ops(label: str, ops) -> dict:
 def profile_from_dict(data, name: str, path: Path | None = None) -> Profile:
     """Validate a target: hardware keys and/or operator keys (QbenchError naming the key and the allowed values)."""
     label = f"target {name}"
-    allowed = ", ".join(PROFILE_KEYS + TARGET_KEYS)
+    allowed = ", ".join(PROFILE_KEYS + OPTIONAL_PROFILE_KEYS + TARGET_KEYS)
     if not isinstance(data, dict):
         raise QbenchError(f"{label} must be a YAML mapping of the hardware keys ({allowed}), "
                           f"not a {type(data).__name__}.")
     for key in data:
-        if key in KEYS and key not in PROFILE_KEYS:
+        if key in KEYS and key not in PROFILE_KEYS + OPTIONAL_PROFILE_KEYS:
             raise QbenchError(f"{label}: {key!r} is a recipe key, not a hardware key; a target holds only "
                               f"{allowed} (set {key!r} in the recipe).")
-        if key not in PROFILE_KEYS and key not in TARGET_KEYS:
+        if key not in PROFILE_KEYS + OPTIONAL_PROFILE_KEYS and key not in TARGET_KEYS:
             raise QbenchError(f"{label}: unknown key {key!r}; allowed: {allowed}.")
     arithmetic = [k for k in PROFILE_KEYS if k in data]
     missing = [k for k in PROFILE_KEYS if k not in data]
@@ -124,9 +127,13 @@ def profile_from_dict(data, name: str, path: Path | None = None) -> Profile:
         raise QbenchError(f"{label}: missing {', '.join(repr(k) for k in missing)}; a target sets every hardware "
                           f"key ({', '.join(PROFILE_KEYS)}), or none of them and 'ops'.")
     settings = {}
+    optional = [k for k in OPTIONAL_PROFILE_KEYS if k in data]
+    if optional and not arithmetic:
+        raise QbenchError(f"{label}: {', '.join(optional)} need the arithmetic keys too ({', '.join(PROFILE_KEYS)}).")
     if arithmetic:
-        checked = recipe_from_dict({k: data[k] for k in PROFILE_KEYS}, name, kind="target")
-        settings = {k: getattr(checked, k) for k in PROFILE_KEYS}
+        keys = PROFILE_KEYS + tuple(optional)
+        checked = recipe_from_dict({k: data[k] for k in keys}, name, kind="target")
+        settings = {k: getattr(checked, k) for k in keys}
     int_types = data.get("int_types", ["int8"])
     if not isinstance(int_types, list) or not int_types or any(t not in INT_TYPES for t in int_types):
         raise QbenchError(f"{label}: int_types is {int_types!r}; give a list of {', '.join(INT_TYPES)}.")

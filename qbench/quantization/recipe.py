@@ -8,7 +8,10 @@ optional `resolved:` section it can carry (the node names the engine excluded)
 is informational and ignored on load, so a written recipe.yaml loads again.
 
 Keys (defaults in brackets):
-  method            minmax | entropy | percentile | distribution | mse   [minmax]
+  method            minmax | mean_minmax | entropy | percentile | distribution | mse   [minmax]
+                    mean_minmax: each tensor's range is the mean over the calibration images of its per-image
+                    minimum and maximum (NNCF's default for activations, MEAN_MINMAX), not the extremes over all
+                    of them: outliers of a few images are clipped, the grid is finer for the rest
                     mse: qbench's consumer-aware ranges (qbench/quantization/ranges.py): each tensor's range
                     minimises the squared error *after* the op that reads it (a Conv output feeding
                     LeakyReLU(0.1) has its negative side's error divided by 10, so its negative tail is clipped
@@ -40,6 +43,12 @@ Keys (defaults in brackets):
                          its activation (LeakyRelu, Relu, Clip, PRelu, HardSwish, SiLU's Sigmoid and Mul) is
                          removed when that Conv output feeds nothing else
                     unfused: every activation requantized separately, Relu/Clip included
+  shared_concat_scales  the runtime concatenates int8 codes only when every input of a Concat has the
+                    output's grid, and passes them through Split/MaxPool/Resize unchanged (OpenVINO's CPU plugin;
+                    most NPUs): every group of tensors joined by those ops gets one range (the union of theirs),
+                    and the then value-preserving Q/DQ after each of them is removed   [false]
+  float_head_outputs  the last Conv of each detect-head branch writes float (its accumulator dequantized), not
+                    8-bit logits, into the float decode (OpenVINO; NNCF's placement)   [false]
   equalize          activation-range equalization exponent in [0, 1] for Conv -> LeakyRelu/Relu -> Conv chains
                     (qbench/quantize/equalize.py): channel c of the first Conv is divided by
                     (r_c / max r) ** equalize and the second Conv's input channel multiplied by it (the same
@@ -71,7 +80,7 @@ from ..files import atomic_write_text, display_path, read_yaml
 from ..resources import shipped
 
 RECIPES_DIR = shipped("configs") / "recipes"
-METHODS = ("minmax", "entropy", "percentile", "distribution", "mse")
+METHODS = ("minmax", "mean_minmax", "entropy", "percentile", "distribution", "mse")
 HIST_METHODS = ("entropy", "percentile", "distribution", "mse")
 ACT_TYPES = ("uint8", "int8")
 WEIGHT_TYPES = ("int8", "uint8")
@@ -110,6 +119,8 @@ class Recipe:
     keep_head_float: bool = True
     pow2_scales: bool = False
     activation_fusion: str = "ort"
+    shared_concat_scales: bool = False
+    float_head_outputs: bool = False
     equalize: float = 0.0
     shift_negative: bool = False
     name: str = field(default="custom", compare=False)  # where it came from, for messages; not a YAML key
@@ -232,7 +243,7 @@ def recipe_from_dict(data: dict, name: str = "custom", kind: str = "recipe") -> 
     r["calib_size"] = _int(label, "calib_size", d.get("calib_size", 128), MIN_CALIB, MAX_CALIB,
                            f" (fewer than {MIN_CALIB} images give unstable ranges)")
     for key in ("per_channel", "activation_symmetric", "weight_symmetric", "reduce_range", "keep_head_float",
-                "pow2_scales", "shift_negative"):
+                "pow2_scales", "shift_negative", "shared_concat_scales", "float_head_outputs"):
         r[key] = _bool(label, key, d.get(key, Recipe.__dataclass_fields__[key].default))
     r["activation_type"] = _choice(label, "activation_type", d.get("activation_type", "uint8"), ACT_TYPES)
     r["weight_type"] = _choice(label, "weight_type", d.get("weight_type", "int8"), WEIGHT_TYPES)

@@ -1,0 +1,193 @@
+"""The OpenVINO deployment path: the `openvino` profile's placement (Concat inputs on the output's grid, no Q/DQ
+after Split/MaxPool/Resize, the head's last convs writing float) on every family qbench accepts, checked in
+OpenVINO's own compiled graph; the `mean_minmax` ranges against their definition; and `qbench run --runtime
+openvino` picking that layout and recipe."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from conftest import REPO
+from onnx import numpy_helper
+
+from qbench.errors import QbenchError
+from qbench.quantization import apply_profile, quantize_ort
+from qbench.quantization.profile import profile_from_dict
+from qbench.quantization.recipe import load_recipe
+
+IMGSZ = 160
+MODELS = {"level-3 LeakyReLU": "synth-l3-leaky-320", "stock YOLO11n": "synth-yolo11n-320",
+          "stock YOLOv8n": "synth-yolov8n-320"}
+
+
+def _inits(model) -> dict:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _ov_census(path) -> Counter:
+    """(layer type, runtime precision) of every op OpenVINO's CPU plugin compiled the model into."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": 1})
+    out = Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        rt = op.get_rt_info()
+        out[(rt["layerType"].astype(str), rt["runtimePrecision"].astype(str))] += 1
+    return out
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def family_models(request, tmp_path_factory, calib):
+    """One family's FP32 export with its `cpu` fused and `openvino` INT8 models."""
+    from qbench.models.export import export_onnx
+
+    td = tmp_path_factory.mktemp("ov")
+    weights = REPO / "results" / "training" / MODELS[request.param] / "weights" / "best.pt"
+    fp32 = export_onnx(weights, td / "fp32.onnx", imgsz=IMGSZ)
+    fused = quantize_ort(fp32, td / "fused" / "int8.onnx", apply_profile("default", "cpu", "fused"), calib)
+    ov = quantize_ort(fp32, td / "ov" / "int8.onnx", apply_profile("mean-minmax", "openvino"), calib)
+    return request.param, fp32, fused, ov, calib
+
+
+@pytest.mark.slow
+def test_openvino_profile_places_qdq_where_openvino_runs_int8(family_models):
+    family, fp32, fused, ov, _ = family_models
+    report = ov["constraints"]
+    assert report["shared_concat_scales"]["groups"] > 0 and report["shared_concat_scales"]["qdq_pairs_removed"] > 0
+    assert report["float_head_outputs"]["convs"] == len(ov["head"]["branch_convs"]) > 0, family
+    model = onnx.load(ov["out"])
+    inits = _inits(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict = {}
+    for n in model.graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+
+    def grid(t):  # the (scale, zero point) a tensor's values lie on, through the pass-through ops
+        p = producer.get(t)
+        if p is not None and p.op_type == "DequantizeLinear":
+            return float(inits[p.input[1]]), int(inits[p.input[2]])
+        if p is not None and p.op_type in ("Split", "MaxPool", "Resize"):
+            return grid(p.input[0])
+        return None
+
+    concats = 0
+    for n in model.graph.node:
+        if n.op_type == "Concat" and all(grid(t) for t in n.input):
+            concats += 1
+            assert len({grid(t) for t in n.input}) == 1, (family, n.name, [grid(t) for t in n.input])
+        if n.op_type in ("Split", "MaxPool", "Resize") and grid(n.input[0]):
+            assert not any(r.op_type == "QuantizeLinear" for o in n.output for r in readers.get(o, [])), n.name
+        if n.name in ov["head"]["branch_convs"]:
+            assert not any(r.op_type == "QuantizeLinear" for r in readers[n.output[0]]), n.name
+        if n.op_type == "Conv" and len(n.input) > 2 and all(
+                producer.get(t) is not None and producer[t].op_type == "DequantizeLinear" for t in n.input[:3]):
+            x, w, b = (producer[t] for t in n.input[:3])  # integer kernels assume bias scale = input x weight
+            want = (inits[x.input[1]].astype(np.float32) * inits[w.input[1]].astype(np.float32))
+            np.testing.assert_array_equal(inits[b.input[1]], want.reshape(inits[b.input[1]].shape), err_msg=n.name)
+    assert concats >= 8, family
+    # OpenVINO's compiled graph: every Conv of the backbone and neck in int8, and the float requantizations it needs
+    # for the cpu profile's per-tensor Concat inputs gone
+    before, after = _ov_census(fused["out"]), _ov_census(ov["out"])
+    n_convs = sum(1 for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv")
+    assert after[("Convolution", "u8")] == n_convs - 1 == before[("Convolution", "u8")], (family, after)
+    assert after[("FakeQuantize", "f32")] <= 6 < before[("FakeQuantize", "f32")], (family, before, after)
+    assert after[("Convert", "u8")] < before[("Convert", "u8")], (family, before, after)
+
+
+@pytest.mark.slow
+def test_openvino_and_onnx_runtime_compute_the_same_int8_model(family_models):
+    """The placement changes no value ORT's QDQ semantics define: OpenVINO's int8 execution of the openvino model
+    stays close to ONNX Runtime's, and both to the FP32 model."""
+    import openvino as ov
+
+    from qbench.data.preprocess import load_batch
+    from qbench.runtime import ort_session
+
+    from qbench.calibration import calibration_paths
+
+    family, fp32, _, q, calib = family_models
+    x = load_batch(calibration_paths(calib)[:1], IMGSZ)
+    ort_out = ort_session(q["out"], 1).run(None, {"images": x})[0]
+    ref = ort_session(str(fp32), 1).run(None, {"images": x})[0]
+    compiled = ov.Core().compile_model(q["out"], "CPU", {"INFERENCE_NUM_THREADS": 1})
+    ov_out = compiled.create_infer_request().infer({0: x})[compiled.output(0)]
+
+    def db(a, b):
+        return 10 * np.log10(np.sum(a.astype(np.float64) ** 2) / max(np.sum((a - b).astype(np.float64) ** 2), 1e-30))
+
+    assert db(ort_out, ov_out) > 25, family
+    assert db(ref, ort_out) > 15 and db(ref, ov_out) > 15, family
+
+
+@pytest.mark.slow
+def test_mean_minmax_ranges_are_the_mean_of_each_images_min_and_max(tmp_path, leaky_onnx, calib):
+    """10 images fed in chunks of 4, 4, 2: each saved range is the plain mean over the images of that image's
+    minimum and maximum (ORT's own moving average, constant 0.01, weighs the chunks otherwise)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from qbench.calibration import calibration_paths
+    from qbench.data.preprocess import load_batch
+
+    paths = calibration_paths(calib)[:10]
+    recipe = load_recipe("mean-minmax").replace(calib_size=10)
+    ranges = tmp_path / "ranges.json"
+    quantize_ort(leaky_onnx, tmp_path / "int8.onnx", recipe, paths, save_ranges=ranges)
+    got = {k: (float(np.asarray(v.range_value[0]).reshape(-1)[0]), float(np.asarray(v.range_value[1]).reshape(-1)[0]))
+           for k, v in load_tensors_data(ranges).data.items()}
+
+    model = onnx.load(str(leaky_onnx))
+    wanted = [n.output[0] for n in model.graph.node if n.op_type in ("LeakyRelu", "Concat", "Add", "Conv")
+              and n.output[0] in got]
+    assert len(wanted) > 30
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in wanted)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = [sess.run(wanted, {sess.get_inputs()[0].name: load_batch([p], 64)}) for p in paths]
+    mins = np.mean([[o.min() for o in per_image] for per_image in outs], axis=0)
+    maxs = np.mean([[o.max() for o in per_image] for per_image in outs], axis=0)
+    for t, lo, hi in zip(wanted, mins, maxs):
+        assert got[t][0] == pytest.approx(lo, rel=1e-4, abs=1e-6), t
+        assert got[t][1] == pytest.approx(hi, rel=1e-4, abs=1e-6), t
+    # and a true mean differs from the extremes min/max would give
+    assert any(np.max([o.max() for o in [outs[i][j] for i in range(len(paths))]]) > 1.05 * maxs[j]
+               for j in range(len(wanted)))
+
+
+def test_profile_placement_keys_validate():
+    base = {k: v for k, v in profile_from_dict(
+        {"activation_type": "uint8", "activation_symmetric": False, "weight_type": "int8", "weight_symmetric": True,
+         "per_channel": True, "pow2_scales": False, "activation_fusion": "fused"}, "t").settings.items()}
+    p = profile_from_dict({**base, "shared_concat_scales": True}, "t")
+    assert p.settings["shared_concat_scales"] is True and "float_head_outputs" not in p.settings
+    assert apply_profile("default", p).shared_concat_scales and not apply_profile("default", p).float_head_outputs
+    with pytest.raises(QbenchError, match="shared_concat_scales.*allowed: true or false"):
+        profile_from_dict({**base, "shared_concat_scales": "yes"}, "t")
+    with pytest.raises(QbenchError, match="need the arithmetic keys"):
+        profile_from_dict({"float_head_outputs": True, "ops": {"Conv": {}}}, "t")
+    with pytest.raises(QbenchError, match="'num_bins' is only used by the histogram methods"):
+        load_recipe("mean-minmax").replace(num_bins=1024)
+
+
+@pytest.mark.slow
+def test_run_on_openvino_picks_the_openvino_layout_and_recipe(tmp_path, synth_small, default_weights):
+    from qbench.pipeline import run
+
+    out = run(weights=default_weights, data=synth_small, out=tmp_path / "ov", imgsz=96, runtime="openvino")
+    info = json.loads((out / "run.json").read_text())
+    q = json.loads((out / "quantize.json").read_text())
+    assert "profile openvino" in info["layout"] and q["recipe"]["method"] == "mean_minmax"
+    assert q["recipe"]["shared_concat_scales"] and q["recipe"]["float_head_outputs"]
+    assert q["recipe"]["activation_fusion"] == "fused"
+    cmp = json.loads((out / "compare.json").read_text())
+    assert {m["runtime"] for m in cmp["models"].values()} == {"openvino"}
+    # an explicit recipe is kept; the layout still comes from the runtime
+    out2 = run(weights=default_weights, data=synth_small, out=tmp_path / "ov2", imgsz=96, runtime="openvino",
+               recipe="default")
+    q2 = json.loads((out2 / "quantize.json").read_text())
+    assert q2["recipe"]["method"] == "minmax" and q2["recipe"]["shared_concat_scales"]
