@@ -27,7 +27,7 @@ from .evaluation import RESAMPLES, EvalSettings, delta_interval, evaluate
 from .files import scratch, write_json
 from .graph.qdq import quantize_nodes
 from .quantization import apply_profile, load_profile, load_recipe, quantize_ort
-from .runtime import Detector, check_runtime, default_threads, int8_host, open_model, runtime_versions
+from .runtime import RUNTIME_NAMES, Detector, check_runtime, default_threads, int8_host, open_model, runtime_versions
 
 METRICS = ("precision", "recall", "mAP50", "mAP50-95")
 
@@ -225,14 +225,16 @@ def compare_md(c: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if c.get("variants"):
         lines += ["", "| model | recipe | activations | pow2 scales | Conv->activation Q/DQ removed | QLinearConv "
-                  "(x86) |", "|---|---|---|---|---|---|"]
+                  "(ONNX Runtime, x86) |", "|---|---|---|---|---|---|"]
         for k, v in c["variants"].items():
             st, con = v["settings"], v["constraints"]
             acts = f"{st['activation_type']} {'symmetric' if st['activation_symmetric'] else 'asymmetric'}"
             lines.append(f"| {k} | {v['recipe']} | {acts} | {'yes' if con['pow2_scales'] else 'no'} | "
                          f"{con.get('qdq_pairs_removed', 0)} | {v['qlinear_ops'].get('QLinearConv', 0)} |")
-        lines += ["", "Accuracy is the profile's; latency is ONNX Runtime's on this CPU running the simulated QDQ "
-                  "graph, not the NPU's."]
+        ran = sorted({RUNTIME_NAMES.get(c["models"][k].get("runtime", "ort"), "ONNX Runtime")
+                      for k in c["variants"] if k in c["models"]}) or ["ONNX Runtime (CPU EP)"]
+        lines += ["", f"Accuracy is the profile's; latency is {' and '.join(ran)} on this CPU running the QDQ "
+                  "graph, not an NPU's."]
     lines += sanity_lines({**({"int8": c["sanity"]} if c.get("sanity") else {}),
                            **{k: v.get("sanity") for k, v in c.get("variants", {}).items()}})
     return "\n".join(lines) + "\n"

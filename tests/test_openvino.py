@@ -178,7 +178,8 @@ def test_profile_placement_keys_validate():
 def test_run_on_openvino_picks_the_openvino_layout_and_recipe(tmp_path, synth_small, default_weights):
     from qbench.pipeline import run
 
-    out = run(weights=default_weights, data=synth_small, out=tmp_path / "ov", imgsz=96, runtime="openvino")
+    out = run(weights=default_weights, data=synth_small, out=tmp_path / "ov", imgsz=96, runtime="openvino",
+              profiles=["npu-symmetric"])
     info = json.loads((out / "run.json").read_text())
     q = json.loads((out / "quantize.json").read_text())
     assert "profile openvino" in info["layout"] and q["recipe"]["method"] == "mean_minmax"
@@ -186,8 +187,18 @@ def test_run_on_openvino_picks_the_openvino_layout_and_recipe(tmp_path, synth_sm
     assert q["recipe"]["activation_fusion"] == "fused"
     cmp = json.loads((out / "compare.json").read_text())
     assert {m["runtime"] for m in cmp["models"].values()} == {"openvino"}
+    md = (out / "summary.md").read_text()  # the variants' latency is said to be OpenVINO's, as it is
+    assert "latency is OpenVINO (CPU) on this CPU" in md and "ONNX Runtime's on this CPU" not in md
     # an explicit recipe is kept; the layout still comes from the runtime
     out2 = run(weights=default_weights, data=synth_small, out=tmp_path / "ov2", imgsz=96, runtime="openvino",
                recipe="default")
     q2 = json.loads((out2 / "quantize.json").read_text())
     assert q2["recipe"]["method"] == "minmax" and q2["recipe"]["shared_concat_scales"]
+
+
+def test_qat_refuses_the_openvino_placement_with_its_reason(tmp_path, default_weights, synth_small):
+    from qbench.qatrain import qat
+
+    with pytest.raises(QbenchError, match="shared_concat_scales and float_head_outputs, which QAT does not support"):
+        qat(default_weights, synth_small, tmp_path / "qat", profile="openvino")
+    assert not (tmp_path / "qat").exists()

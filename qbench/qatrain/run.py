@@ -56,6 +56,11 @@ def _check_args(weights, data, out, epochs, recipe, profile, fusion, batch, lr0,
     if rec.shift_negative:
         raise QbenchError(f"recipe {rec.name} sets 'shift_negative', which QAT does not support yet (the fake "
                           "quantization would need the same shifts in the PyTorch model); use a recipe without it.")
+    placement_keys = [k for k in ("shared_concat_scales", "float_head_outputs") if getattr(rec, k)]
+    if placement_keys:
+        raise QbenchError(f"{rec.name} sets {' and '.join(placement_keys)}, which QAT does not support yet (its "
+                          "fake quantizers learn one scale per tensor, where those keys tie tensors together or "
+                          "drop them); run QAT under a profile without them, e.g. --profile cpu --fusion fused.")
     spec = load_data_yaml(data, require=("train", "val"))
     scored_labels(spec, "val", image_files(spec, "val"))  # bad data fails before PTQ and training
     o = Path(out)
