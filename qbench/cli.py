@@ -345,7 +345,7 @@ def run(
     allow_scored_calib: bool = typer.Option(False, "--allow-scored-calib", help="Accept a --calib manifest that "
                                             "holds images of the scored split (flatters INT8; the summary says so)."),
     runtime: str = typer.Option("ort", "--runtime", help="What runs the .onnx models: ort (ONNX Runtime's CPU EP) "
-                                "or openvino (OpenVINO's runtime, which runs Conv+activation fused in int8; without --profile/--fusion the INT8 model then gets that layout)."),
+                                "or openvino (OpenVINO's runtime, which runs Conv+activation fused in int8; without --profile/--fusion the INT8 model then gets the openvino profile, and without --recipe the mean-minmax recipe)."),
     targets: Optional[list[str]] = typer.Option(None, "--target", help="NPU target (configs/npu/ name or YAML) "
                                                 "that lists its operators: which ops of the model it runs (ops.json, "
                                                 "a report section), and, if it sets its arithmetic, a variant "
