@@ -66,7 +66,10 @@ def run(weights: Path | None = None, data: Path | None = None, out: Path | None 
     settings = EvalSettings(batch=batch, threads=threads, runtime=runtime)  # bad values: refused before any work
     layout = default_layout(runtime) if profile is None and fusion is None else None
     base = recipe or "default"  # what --profiles variants start from
-    rec = apply_profile(recipe or (layout["recipe"] if layout else "default"), *(layout["profile"], layout["fusion"]) if layout else (profile, fusion))
+    if layout:
+        rec = apply_profile(recipe or layout["recipe"], layout["profile"], layout["fusion"])
+    else:
+        rec = apply_profile(base, profile, fusion)
     loaded_targets = [load_profile(t) for t in targets or []]
     for t in loaded_targets:
         if t.ops is None:

@@ -170,6 +170,8 @@ def test_profile_placement_keys_validate():
         profile_from_dict({**base, "shared_concat_scales": "yes"}, "t")
     with pytest.raises(QbenchError, match="need the arithmetic keys"):
         profile_from_dict({"float_head_outputs": True, "ops": {"Conv": {}}}, "t")
+    with pytest.raises(QbenchError, match="'shared_concat_scales: true' and 'pow2_scales: true' cannot be combined"):
+        apply_profile("default", "npu-symmetric-pow2").replace(shared_concat_scales=True)
     with pytest.raises(QbenchError, match="'num_bins' is only used by the histogram methods"):
         load_recipe("mean-minmax").replace(num_bins=1024)
 

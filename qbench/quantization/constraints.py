@@ -187,27 +187,38 @@ def _range(g: _Graph, params) -> tuple[float, float]:
 
 
 def _requantize_conv_biases(g: _Graph) -> int:
-    """Every Conv whose int32 bias scale is no longer input scale x weight scale gets its bias requantized (from
-    its dequantized value) to that scale, as integer kernels assume; returns how many."""
+    """Every int32 bias whose scale is no longer input scale x weight scale of its reader (`_bias_scale`) is
+    requantized (from its dequantized value) to that scale, as integer kernels assume; returns how many."""
     n = 0
-    for conv in g.graph.node:
-        if conv.op_type != "Conv" or len(conv.input) < 3:
+    for dq in g.graph.node:
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in g.init or g.array(dq.input[0]).dtype != np.int32:
             continue
-        dq_x, dq_w, dq_b = (g.producer.get(t) for t in conv.input[:3])
-        if not all(d is not None and d.op_type == "DequantizeLinear" for d in (dq_x, dq_w, dq_b)) \
-                or dq_b.input[0] not in g.init or dq_x.input[1] not in g.init:
+        want = _bias_scale(g, dq)
+        old = g.array(dq.input[1])
+        if want is None or np.array_equal(old.reshape(-1), want):
             continue
-        old = g.array(dq_b.input[1])
-        want = (g.array(dq_x.input[1]).astype(np.float32) * g.array(dq_w.input[1]).astype(np.float32))
-        want = want.astype(np.float32).reshape(old.shape)
-        if np.array_equal(old, want):
-            continue
-        value = g.array(dq_b.input[0]).astype(np.float64) * old.astype(np.float64)
-        g.set_array(dq_b.input[0], np.clip(np.round(value / want.astype(np.float64)), -2**31, 2**31 - 1)
-                    .astype(np.int32))
-        g.set_array(dq_b.input[1], want)
+        q, _ = _requantize(_dequantize(g, dq), want, _axis(dq), np.int32)
+        g.set_array(dq.input[0], q)
+        g.set_array(dq.input[1], want.reshape(old.shape))
         n += 1
     return n
+
+
+def _drop_qdq(g: _Graph, tensor: str, removed: set) -> bool:
+    """Remove the QuantizeLinear that alone reads `tensor` and every DequantizeLinear after it, their readers reading
+    `tensor` instead (the outputs to delete go into `removed`); False, changing nothing, when the pattern is not
+    there or touches a graph output."""
+    q = _q_after(g, tensor)
+    dqs = g.consumers.get(q.output[0], []) if q is not None else []
+    if not dqs or q.output[0] in g.outputs or any(d.op_type != "DequantizeLinear" or d.output[0] in g.outputs
+                                                  for d in dqs):
+        return False
+    for d in dqs:
+        for reader in g.consumers.get(d.output[0], []):
+            _rewire(reader, d.output[0], tensor)
+        removed.add(d.output[0])
+    removed.add(q.output[0])
+    return True
 
 
 def share_concat_scales(model) -> dict:
@@ -275,17 +286,9 @@ def share_concat_scales(model) -> dict:
             if q is None or len(grid) != 1 or \
                     (float(g.array(q.input[1])), int(g.array(q.input[2])), g.init[q.input[2]].data_type) not in grid:
                 continue
-            dqs = g.consumers.get(q.output[0], [])
-            if not dqs or any(d.op_type != "DequantizeLinear" or d.output[0] in g.outputs for d in dqs) \
-                    or q.output[0] in g.outputs:
-                continue
-            for d in dqs:
-                for reader in g.consumers.get(d.output[0], []):
-                    _rewire(reader, d.output[0], out)
-                removed.add(d.output[0])
-            removed.add(q.output[0])
-            through[out] = (q.input[1], q.input[2])
-            pairs += 1
+            if _drop_qdq(g, out, removed):
+                through[out] = (q.input[1], q.input[2])
+                pairs += 1
     if removed:
         _remove_nodes(graph, removed)
     return {"groups": len(shared), "tensors_rescaled": rescaled, "qdq_pairs_removed": pairs,
@@ -301,21 +304,8 @@ def float_head_outputs(model, branch_convs) -> dict:
     wanted = set(branch_convs)
     removed, n = set(), 0
     for conv in graph.node:
-        if conv.name not in wanted or conv.op_type != "Conv":
-            continue
-        out = conv.output[0]
-        q = _q_after(g, out)
-        if q is None or q.output[0] in g.outputs:
-            continue
-        dqs = g.consumers.get(q.output[0], [])
-        if not dqs or any(d.op_type != "DequantizeLinear" or d.output[0] in g.outputs for d in dqs):
-            continue
-        for d in dqs:
-            for reader in g.consumers.get(d.output[0], []):
-                _rewire(reader, d.output[0], out)
-            removed.add(d.output[0])
-        removed.add(q.output[0])
-        n += 1
+        if conv.name in wanted and conv.op_type == "Conv" and _drop_qdq(g, conv.output[0], removed):
+            n += 1
     if removed:
         _remove_nodes(graph, removed)
     return {"convs": n}

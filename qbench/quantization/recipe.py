@@ -202,6 +202,15 @@ def _check_pow2(label: str, r: dict) -> None:
                           f"{', '.join(bad)}; change those keys or set 'pow2_scales: false'.")
 
 
+def _check_shared_scales(label: str, r: dict) -> None:
+    """shared_concat_scales removes the Q/DQ after each Concat, so pow2_scales could no longer find the input scale
+    of the Conv behind it (its int32 bias must be input x weight scale): the two are not combined."""
+    if r["shared_concat_scales"] and r["pow2_scales"]:
+        raise QbenchError(f"{label}: 'shared_concat_scales: true' and 'pow2_scales: true' cannot be combined yet "
+                          "(the power-of-two bias scales need the Q/DQ that shared scales remove after each Concat); "
+                          "set one of them to false.")
+
+
 def recipe_from_dict(data: dict, name: str = "custom", kind: str = "recipe") -> Recipe:
     """Validate a mapping of recipe keys (unknown keys and bad values raise QbenchError).
 
@@ -261,6 +270,7 @@ def recipe_from_dict(data: dict, name: str = "custom", kind: str = "recipe") -> 
         raise QbenchError(f"{label}: 'equalize' is {eq!r}; allowed: a number from 0 (off) to 1, e.g. 0.5.")
     r["equalize"] = float(eq)
     _check_pow2(label, r)
+    _check_shared_scales(label, r)
     return Recipe(**r, name=name)
 
 
