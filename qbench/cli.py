@@ -163,6 +163,8 @@ def eval_cmd(
         check_writable(out.parent, "metrics.json")
     result = evaluate(model, data, settings, progress=True)
     typer.echo(format_table(result))
+    if result["model"].get("runtime_caveat"):
+        typer.echo(f"Warning: these numbers are the runtime's, not the model's: {result['model']['runtime_caveat']}")
     t = result["timing"]
     typer.echo(f"{result['data']['images']} images in {t['wall_s']:.1f} s "
                f"({t['inference_ms_per_image']:.1f} ms/image inference)")

@@ -110,6 +110,7 @@ def compare(fp32: str | Path, int8: str | Path | None, data: str | Path, setting
                           for c, b in zip(r["per_class"], base["per_class"])],
             "latency": latency[k],
             "size_mb": round(models[k].stat().st_size / 2**20, 2),
+            **({"runtime_caveat": dets[k].caveat} if dets[k].caveat else {}),
         }
     for k in rows:
         rows[k]["speedup_batch1"] = round(latency["fp32"]["batch1_median_ms"] / latency[k]["batch1_median_ms"], 3)
@@ -141,7 +142,8 @@ def compare_profiles(fp32: str | Path, data: str | Path, calib: str | os.PathLik
                              max(r.calib_size for _, r in variants.values()))
     with scratch("profiles") as tmp:
         root = Path(out) if out is not None else Path(tmp)
-        models, info = quantize_variants(fp32, calib, variants, root, progress=progress, keep=out is not None)
+        models, info = quantize_variants(fp32, calib, variants, root, progress=progress, keep=out is not None,
+                                         u8_activations=settings.runtime == "openvino")
         c = compare(fp32, None, data, settings, progress=progress, extra=models)
     c["variants"] = info
     c["calibration_check"] = overlap
@@ -165,14 +167,15 @@ def profile_variants(recipe, profiles: Sequence[str | os.PathLike], fusions: Seq
 
 
 def quantize_variants(fp32: str | Path, calib, variants: dict, root: Path, progress: bool = False,
-                      keep: bool = True) -> tuple[dict[str, Path], dict]:
+                      keep: bool = True, u8_activations: bool = False) -> tuple[dict[str, Path], dict]:
     """Quantize `fp32` once per variant into root/FOLDER/ (int8.onnx, recipe.yaml, quantize.json); returns the
-    models by row name and, per row, the recipe applied and what its constraints changed."""
+    models by row name and, per row, the recipe applied and what its constraints changed. u8_activations: int8
+    activations stored as uint8 with zero point + 128 (the same values), as OpenVINO needs (runtime.openvino_caveat)."""
 
     models, info = {}, {}
     for row, (folder, rec) in variants.items():
         model = Path(root) / folder / "int8.onnx"
-        report = quantize_ort(fp32, model, rec, calib, progress=progress)
+        report = quantize_ort(fp32, model, rec, calib, progress=progress, u8_activations=u8_activations)
         write_json(report, model.with_name("quantize.json"))
         models[row] = model
         info[row] = {"recipe": rec.name, "folder": folder if keep else None, "settings": rec.to_dict(),
@@ -211,6 +214,7 @@ def compare_md(c: dict) -> str:
                      f"{lat[b]:.1f} | {r['size_mb']:.1f} |")
     lines += ["", f"Δ 95% CI: paired bootstrap over the images ({RESAMPLES} resamples); an interval holding 0 is a "
               "difference these images do not resolve."]
+    lines += caveat_lines({k: r.get("runtime_caveat") for k, r in c["models"].items()})
     names = [p["class"] for p in c["models"]["fp32"]["per_class"]]
     lines += ["", "| class | " + " | ".join(f"{k} mAP50-95" for k in c["models"]) + " |",
               "|---|" + "---|" * len(c["models"])]
@@ -229,15 +233,23 @@ def compare_md(c: dict) -> str:
         for k, v in c["variants"].items():
             st, con = v["settings"], v["constraints"]
             acts = f"{st['activation_type']} {'symmetric' if st['activation_symmetric'] else 'asymmetric'}"
+            acts += " (stored as uint8 + 128)" if (con.get("u8_activations") or {}).get("zero_points") else ""
             lines.append(f"| {k} | {v['recipe']} | {acts} | {'yes' if con['pow2_scales'] else 'no'} | "
                          f"{con.get('qdq_pairs_removed', 0)} | {v['qlinear_ops'].get('QLinearConv', 0)} |")
         ran = sorted({RUNTIME_NAMES.get(c["models"][k].get("runtime", "ort"), "ONNX Runtime")
                       for k in c["variants"] if k in c["models"]}) or ["ONNX Runtime (CPU EP)"]
-        lines += ["", f"Accuracy is the profile's; latency is {' and '.join(ran)} on this CPU running the QDQ "
-                  "graph, not an NPU's."]
+        off = [k for k in c["variants"] if c["models"].get(k, {}).get("runtime_caveat")]
+        lines += ["", f"Accuracy is the profile's{' (except ' + ', '.join(off) + ': see the warning)' if off else ''}; "
+                  f"latency is {' and '.join(ran)} on this CPU running the QDQ graph, not an NPU's."]
     lines += sanity_lines({**({"int8": c["sanity"]} if c.get("sanity") else {}),
                            **{k: v.get("sanity") for k, v in c.get("variants", {}).items()}})
     return "\n".join(lines) + "\n"
+
+
+def caveat_lines(caveats: dict) -> list[str]:
+    """Warnings for models whose runtime's numbers are not the model's (runtime.openvino_caveat), one line each."""
+    return [line for k, v in caveats.items() if v for line in ("", f"**Warning: {k}'s numbers are its runtime's, not "
+                                                                   f"the model's**: {v}")]
 
 
 def sanity_lines(sanity: dict) -> list[str]:

@@ -227,7 +227,7 @@ def _result(det, spec, files, settings, imgsz, batch, metrics, wall, t_pre, t_in
     n = len(files)
     return {
         "model": {"path": display_path(det.path), "format": det.kind, "runtime": det.runtime,
-                  "sha256": sha256_file(det.path)},
+                  "sha256": sha256_file(det.path), **({"runtime_caveat": det.caveat} if det.caveat else {})},
         "data": {"yaml": display_path(spec.yaml_path), "split": settings.split, "images": n,
                  "instances": int(metrics.nt_per_class.sum()),
                  **({"class_names_differ": [{"id": i, "model": a, "data": b} for i, a, b in renamed]}

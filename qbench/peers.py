@@ -32,7 +32,7 @@ import onnx
 
 from . import __version__
 from .calibration import CalibrationReader, calibration_paths
-from .comparison import compare
+from .comparison import caveat_lines, compare
 from .data.preprocess import load_batch
 from .errors import QbenchError
 from .evaluation import EvalSettings
@@ -149,7 +149,8 @@ def bench_peers(weights: str | os.PathLike, data: str | os.PathLike, calib, out:
                "tool": tools.get(models[name][2], {}) if name in models and models[name][2] else {},
                "mAP50": r["metrics"]["mAP50"], "mAP50-95": r["metrics"]["mAP50-95"],
                "delta_mAP50-95": r["delta"]["mAP50-95"], "delta_ci95": r["delta_ci95"]["mAP50-95"],
-               "batch1_median_ms": r["latency"]["batch1_median_ms"], "speedup_batch1": r["speedup_batch1"]}
+               "batch1_median_ms": r["latency"]["batch1_median_ms"], "speedup_batch1": r["speedup_batch1"],
+               **({"runtime_caveat": r["runtime_caveat"]} if r.get("runtime_caveat") else {})}
         if "heldout" in scored:
             h = scored["heldout"]["models"][name]
             row["heldout"] = {"mAP50-95": h["metrics"]["mAP50-95"], "delta_mAP50-95": h["delta"]["mAP50-95"],
@@ -190,6 +191,7 @@ def peers_md(r: dict) -> str:
                       ci(h.get("delta_ci95"))]
         cells += [f"{row['batch1_median_ms']:.1f}", f"{row['speedup_batch1']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += caveat_lines({row["name"]: row.get("runtime_caveat") for row in r["rows"]})
     lines += ["", "How each model was made:", ""]
     lines += [f"- {row['name']}: {row['tool'].get('tool', '')} — {row['tool'].get('settings', '')}"
               for row in r["rows"] if row.get("tool")]

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import QbenchError
+from .graph.qdq import signed_activation_quantizers
 from .models.export import read_onnx_meta
 from .models.load import checkpoint_imgsz, load_checkpoint
 
@@ -157,6 +158,7 @@ class Detector:
     forward: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     threads: int = 1
     runtime: str = "ort"  # "ort", "openvino" (an .onnx) or "torch" (a .pt)
+    caveat: str | None = None  # why this runtime's numbers for this model may not be the model's (openvino_caveat)
 
 
 RUNTIME_NAMES = {"ort": "ONNX Runtime (CPU EP)", "openvino": "OpenVINO (CPU)", "torch": "PyTorch"}
@@ -198,9 +200,27 @@ def openvino_compiled(path: str | Path, threads: int | None = None):
                           "`qbench export`.") from e
 
 
+def openvino_caveat(path: str | Path) -> str | None:
+    """Why OpenVINO's numbers for this ONNX may not be what the model computes, or None.
+
+    OpenVINO's CPU plugin (2026.4) runs int8 (signed) activations inaccurately, with a zero point of 0 or not, and
+    the same values stored as uint8 correctly (docs/runtimes.md, tests/test_openvino.py). Its numbers for such a
+    file are what OpenVINO gives for it, not the model's accuracy."""
+    n = signed_activation_quantizers(path)
+    if not n:
+        return None
+    return (f"{n} activation quantizers of this model are int8 (signed), which OpenVINO's CPU plugin runs "
+            "inaccurately: its numbers here are OpenVINO's for this file, not what the model computes. Store the "
+            "activations as uint8 with zero point + 128 (the same values) before deploying on OpenVINO: "
+            "qbench quantizes that way for --runtime openvino, and "
+            "qbench.quantization.constraints.activations_to_uint8 rewrites an existing model.")
+
+
 def _open_onnx(path: Path, threads: int | None, runtime: str = "ort") -> Detector:
     meta = read_onnx_meta(path)
+    caveat = None
     if runtime == "openvino":
+        caveat = openvino_caveat(path)
         compiled = openvino_compiled(path, threads)
         port = compiled.input(0)
         shape = list(port.get_partial_shape())
@@ -222,7 +242,7 @@ def _open_onnx(path: Path, threads: int | None, runtime: str = "ort") -> Detecto
         raise QbenchError(f"'{path}' takes a {len(shape)}-D input, not an image batch (N, 3, H, W); "
                           "it is not a YOLO detector exported by ultralytics or qbench.")
     return Detector(path, "onnx", meta["names"], meta["imgsz"], bool(dynamic), forward, threads or default_threads(),
-                    runtime)
+                    runtime, caveat)
 
 
 def _open_pt(path: Path, threads: int | None) -> Detector:

@@ -125,6 +125,54 @@ def test_openvino_and_onnx_runtime_compute_the_same_int8_model(family_models):
 
 
 @pytest.mark.slow
+def test_openvino_runs_int8_activations_wrong_so_qbench_stores_them_as_uint8(family_models, tmp_path):
+    """OpenVINO 2026.4's CPU plugin runs int8 (signed) activations far from the model's own arithmetic and the same
+    values stored as uint8 close to it: the reason `--runtime openvino` quantizes with uint8 activations and warns
+    about a model that has signed ones."""
+    import onnxruntime as ort
+    import openvino as ov
+
+    from qbench.calibration import calibration_paths
+    from qbench.data.preprocess import load_batch
+    from qbench.graph.qdq import signed_activation_quantizers
+    from qbench.runtime import openvino_caveat
+
+    family, fp32, _, _, calib = family_models
+    rec = apply_profile("default", "npu-symmetric")  # int8 activations, zero point 0
+    signed = quantize_ort(fp32, tmp_path / "s8" / "int8.onnx", rec, calib)["out"]
+    u8 = quantize_ort(fp32, tmp_path / "u8" / "int8.onnx", rec, calib, u8_activations=True)["out"]
+    assert signed_activation_quantizers(signed) > 0 and signed_activation_quantizers(u8) == 0, family
+    x = load_batch(calibration_paths(calib)[:2], IMGSZ)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # Q/DQ as written: the model's values
+    ref = ort.InferenceSession(signed, so, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+
+    def ov_db(path):
+        c = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": 1})
+        out = c.create_infer_request().infer({0: x})[c.output(0)]
+        return 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / max(np.sum((ref - out).astype(np.float64) ** 2),
+                                                                         1e-30))
+
+    assert ov_db(signed) < 30 and ov_db(u8) > 35, family
+    assert "int8 (signed)" in openvino_caveat(signed) and openvino_caveat(u8) is None
+
+
+@pytest.mark.slow
+def test_compare_on_openvino_warns_that_a_signed_model_s_numbers_are_the_runtime_s(tmp_path, default_onnx, calib,
+                                                                                    synth_small):
+    from qbench.comparison import compare, compare_md
+    from qbench.evaluation import EvalSettings
+
+    signed = quantize_ort(default_onnx, tmp_path / "s8" / "int8.onnx", apply_profile("default", "npu-symmetric"),
+                          calib)["out"]
+    c = compare(default_onnx, signed, synth_small, EvalSettings(threads=1, runtime="openvino"), rounds=1)
+    assert "int8 (signed)" in c["models"]["int8"]["runtime_caveat"] and "runtime_caveat" not in c["models"]["fp32"]
+    assert "**Warning: int8's numbers are its runtime's" in compare_md(c)
+    c = compare(default_onnx, signed, synth_small, EvalSettings(threads=1), rounds=1)  # ONNX Runtime: no caveat
+    assert not any("runtime_caveat" in r for r in c["models"].values()) and "Warning" not in compare_md(c)
+
+
+@pytest.mark.slow
 def test_mean_minmax_ranges_are_the_mean_of_each_images_min_and_max(tmp_path, leaky_onnx, calib):
     """10 images fed in chunks of 4, 4, 2: each saved range is the plain mean over the images of that image's
     minimum and maximum (ORT's own moving average, constant 0.01, weighs the chunks otherwise)."""
@@ -189,6 +237,12 @@ def test_run_on_openvino_picks_the_openvino_layout_and_recipe(tmp_path, synth_sm
     assert q["recipe"]["activation_fusion"] == "fused"
     cmp = json.loads((out / "compare.json").read_text())
     assert {m["runtime"] for m in cmp["models"].values()} == {"openvino"}
+    # the npu-symmetric variant (int8 activations) is stored as uint8, which OpenVINO runs right: no caveat
+    from qbench.graph.qdq import signed_activation_quantizers
+
+    variant = next((out / "profiles").glob("npu-symmetric-*/int8.onnx"))
+    assert signed_activation_quantizers(variant) == 0
+    assert not any("runtime_caveat" in m for m in cmp["models"].values())
     md = (out / "summary.md").read_text()  # the variants' latency is said to be OpenVINO's, as it is
     assert "latency is OpenVINO (CPU) on this CPU" in md and "ONNX Runtime's on this CPU" not in md
     # an explicit recipe is kept; the layout still comes from the runtime
