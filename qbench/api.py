@@ -285,20 +285,22 @@ def quantize_with_accuracy_control(model: PathLike, out: PathLike, config: str |
 
 def evaluate(model: PathLike, data: PathLike, *, split: str = "val", imgsz: int | None = None, batch: int = 16,
              conf: float = 0.001, iou: float = 0.7, threads: int | None = None, limit: int | None = None,
-             progress: bool = False) -> EvalResult:
-    """mAP50, mAP50-95, precision, recall and per-class AP of a .onnx (ONNX Runtime) or .pt, as `yolo val`."""
+             runtime: str = "ort", progress: bool = False) -> EvalResult:
+    """mAP50, mAP50-95, precision, recall and per-class AP of a .onnx (run by `runtime`: "ort" or "openvino") or a
+    .pt, as `yolo val`. `report["model"]` names the runtime, and carries `runtime_caveat` when the runtime's numbers
+    are not the model's (runtime.openvino_caveat)."""
     r = _evaluate(model, data, EvalSettings(split=split, imgsz=imgsz, batch=batch, conf=conf, iou=iou,
-                                            threads=threads, limit=limit), progress=progress)
+                                            threads=threads, limit=limit, runtime=runtime), progress=progress)
     m = r["metrics"]
     return EvalResult(m["mAP50"], m["mAP50-95"], m["precision"], m["recall"], r["per_class"], r)
 
 
 def compare(fp32: PathLike, int8: PathLike | None, data: PathLike, *, extra: dict | None = None, batch: int = 16,
-            threads: int | None = None, progress: bool = False) -> CompareResult:
-    """FP32 vs INT8 (and any `extra` {name: model}) through the same evaluation path: deltas with 95% intervals,
-    latency, size."""
-    return CompareResult(_compare(fp32, int8, data, EvalSettings(batch=batch, threads=threads), progress=progress,
-                                  extra={k: Path(v) for k, v in (extra or {}).items()} or None))
+            threads: int | None = None, runtime: str = "ort", progress: bool = False) -> CompareResult:
+    """FP32 vs INT8 (and any `extra` {name: model}) through the same evaluation path, every .onnx run by `runtime`
+    ("ort" or "openvino"): deltas with 95% intervals, latency, size."""
+    return CompareResult(_compare(fp32, int8, data, EvalSettings(batch=batch, threads=threads, runtime=runtime),
+                                  progress=progress, extra={k: Path(v) for k, v in (extra or {}).items()} or None))
 
 
 def inspect(fp32: PathLike, int8: PathLike, calib: CalibrationSet | PathLike, data: PathLike, *,

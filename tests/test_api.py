@@ -32,6 +32,11 @@ def test_quantize_then_compare_through_the_python_api(tmp_path, default_weights,
     assert lo <= c.delta("int8") <= hi and c.speedup("int8") > 0
     e = qbench.evaluate(q.model, synth_small)  # the one evaluation path: the same number
     assert e.map50_95 == c.map50_95("int8") and e.to_json()["data"]["images"] == 12
+    # the runtime is an API argument as it is a CLI option: OpenVINO's numbers come back named as OpenVINO's
+    ov = qbench.compare(q.fp32, q.model, synth_small, runtime="openvino")
+    assert ov.to_json()["models"]["int8"]["runtime"] == "openvino"
+    e_ov = qbench.evaluate(q.model, synth_small, runtime="openvino")
+    assert e_ov.to_json()["model"]["runtime"] == "openvino" and e_ov.map50_95 == ov.map50_95("int8")
 
     ins = qbench.inspect(q.fp32, q.model, saved, synth_small, out=tmp_path / "ins", images=4, error_images=2)
     assert ins.summary["quantized_tensors"] > 100 and len(ins.leaky) == 57 and ins.silu == []
