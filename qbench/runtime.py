@@ -19,7 +19,6 @@ from typing import Callable
 import numpy as np
 
 from .errors import QbenchError
-from .graph.qdq import signed_activation_quantizers
 from .models.export import read_onnx_meta
 from .models.load import checkpoint_imgsz, load_checkpoint
 
@@ -198,6 +197,20 @@ def openvino_compiled(path: str | Path, threads: int | None = None):
     except RuntimeError as e:
         raise QbenchError(f"OpenVINO cannot compile '{path}' ({str(e).splitlines()[0][:200]}); re-export it with "
                           "`qbench export`.") from e
+
+
+def signed_activation_quantizers(path) -> int:
+    """How many QuantizeLinear nodes of an ONNX file quantize an activation (not an initializer) to int8 (a signed
+    zero point); reads the graph only, not external weight data."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    int8_zero_points = {t.name for t in g.initializer if t.data_type == onnx.TensorProto.INT8}
+    int8_zero_points |= {n.output[0] for n in g.node if n.op_type == "Constant"
+                         and any(a.name == "value" and a.t.data_type == onnx.TensorProto.INT8 for a in n.attribute)}
+    weights = {t.name for t in g.initializer}
+    return sum(n.op_type == "QuantizeLinear" and n.input[0] not in weights and len(n.input) > 2
+               and n.input[2] in int8_zero_points for n in g.node)
 
 
 def openvino_caveat(path: str | Path) -> str | None:

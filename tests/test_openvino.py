@@ -134,8 +134,7 @@ def test_openvino_runs_int8_activations_wrong_so_qbench_stores_them_as_uint8(fam
 
     from qbench.calibration import calibration_paths
     from qbench.data.preprocess import load_batch
-    from qbench.graph.qdq import signed_activation_quantizers
-    from qbench.runtime import openvino_caveat
+    from qbench.runtime import openvino_caveat, signed_activation_quantizers
 
     family, fp32, _, _, calib = family_models
     rec = apply_profile("default", "npu-symmetric")  # int8 activations, zero point 0
@@ -238,7 +237,7 @@ def test_run_on_openvino_picks_the_openvino_layout_and_recipe(tmp_path, synth_sm
     cmp = json.loads((out / "compare.json").read_text())
     assert {m["runtime"] for m in cmp["models"].values()} == {"openvino"}
     # the npu-symmetric variant (int8 activations) is stored as uint8, which OpenVINO runs right: no caveat
-    from qbench.graph.qdq import signed_activation_quantizers
+    from qbench.runtime import signed_activation_quantizers
 
     variant = next((out / "profiles").glob("npu-symmetric-*/int8.onnx"))
     assert signed_activation_quantizers(variant) == 0

@@ -199,20 +199,6 @@ def quantize_nodes(path) -> int:
                or n.op_type.startswith("QLinear") for n in g.node)
 
 
-def signed_activation_quantizers(path) -> int:
-    """How many QuantizeLinear nodes of an ONNX file quantize an activation (not an initializer) to int8 (a signed
-    zero point); reads the graph only, not external weight data."""
-    import onnx
-
-    g = onnx.load(str(path), load_external_data=False).graph
-    int8_zero_points = {t.name for t in g.initializer if t.data_type == onnx.TensorProto.INT8}
-    int8_zero_points |= {n.output[0] for n in g.node if n.op_type == "Constant"
-                         and any(a.name == "value" and a.t.data_type == onnx.TensorProto.INT8 for a in n.attribute)}
-    weights = {t.name for t in g.initializer}
-    return sum(n.op_type == "QuantizeLinear" and n.input[0] not in weights and len(n.input) > 2
-               and n.input[2] in int8_zero_points for n in g.node)
-
-
 ACTIVATION_OPS = ("LeakyRelu", "Relu", "PRelu", "HardSwish", "Clip", "Sigmoid", "Softmax")
 
 
