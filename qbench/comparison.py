@@ -247,7 +247,8 @@ def compare_md(c: dict) -> str:
 
 
 def caveat_lines(caveats: dict) -> list[str]:
-    """Warnings for models whose runtime's numbers are not the model's (runtime.openvino_caveat), one line each."""
+    """Warnings for models whose runtime's numbers are not the model's (runtime.openvino_caveat; ONNX Runtime's exact
+    int8 mode refusing a model on a CPU without VNNI: runtime.ort_session), one line each."""
     return [line for k, v in caveats.items() if v for line in ("", f"**Warning: {k}'s numbers are its runtime's, not "
                                                                    f"the model's**: {v}")]
 

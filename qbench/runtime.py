@@ -43,6 +43,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _kernel_cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel reads them (/proc/cpuinfo), empty where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def qdq_conv_model(w, w_scale, y_scale: float, y_zero: int, hw: int, pad: int = 0):
     """A QDQ model of one Conv that ONNX Runtime runs as a QLinearConv: x (float on the uint8 grid of step 1) ->
     Q/DQ -> Conv with int8 weights `w` (cout, cin, k, k), per-output-channel scales `w_scale`, zero points 0 ->
@@ -107,6 +119,10 @@ def int8_host() -> dict:
     except Exception as e:  # no probe, no claim: sessions keep ONNX Runtime's defaults
         return {"cpu": cpu, "u8s8_saturates": None, "exact_mode": False,
                 "int8_kernels": f"ONNX Runtime's defaults (the saturation probe failed: {e})"}
+    if saturates and _kernel_cpu_flags() & {"avx512_vnni", "avx_vnni"}:
+        # the kernel lists VNNI, yet ORT's kernels saturate: CPUID hides it from this process (an AVX2 CPU emulated
+        # with tests/isa/maskcpu.c, or a hypervisor), so every kernel choice and timing here is such a CPU's
+        cpu += " with VNNI hidden from CPUID (it runs the kernels of a CPU without VNNI)"
     if not saturates:
         kernels = "u8s8, exact on this CPU"
     elif exact_mode:
@@ -118,30 +134,58 @@ def int8_host() -> dict:
     return {"cpu": cpu, "u8s8_saturates": saturates, "exact_mode": exact_mode, "int8_kernels": kernels}
 
 
-def ort_session(path: str | Path | bytes, threads: int | None = None, optimize: bool = True):
+def ort_session(path: str | Path | bytes, threads: int | None = None, optimize: bool = True,
+                saturating_ok: bool = False):
     """An ONNX Runtime CPU session with a fixed thread count (intra-op), sequential execution, and exact int8
-    arithmetic on every CPU (see `int8_host`); `path` may also be a serialized model (bytes)."""
+    arithmetic on every CPU (see `int8_host`); `path` may also be a serialized model (bytes).
+
+    ONNX Runtime cannot load some models in exact mode (1.32: an int8 constant whose DequantizeLinear feeds two
+    nodes, as `quantize_static`'s defaults make of a YOLO decode's anchors: "Attempt to replace the existing
+    tensor"). Then this raises a QbenchError that says so, or with `saturating_ok` runs the model on ONNX Runtime's
+    default kernels and says why in the session's `qbench_caveat` (None otherwise)."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or default_threads()
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.log_severity_level = 3
-    # Idle worker threads must not spin: qbench keeps several sessions open (FP32, INT8, variants) and runs them in
-    # turn, and a spinning pool of one session steals the cores of the next (on 2 cores that doubled latencies).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if int8_host()["exact_mode"]:
-        so.add_session_config_entry(EXACT_INT8_ENTRY, "1")
+    def options(exact: bool):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or default_threads()
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                       else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        so.log_severity_level = 4 if exact else 3  # a refused exact mode is reported below, not on the console
+        # Idle worker threads must not spin: qbench keeps several sessions open (FP32, INT8, variants) and runs them
+        # in turn, and a spinning pool of one session steals the cores of the next (on 2 cores that doubled latencies).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if exact:
+            so.add_session_config_entry(EXACT_INT8_ENTRY, "1")
+        return so
+
+    src = path if isinstance(path, bytes) else str(path)
+    where = "the edited model" if isinstance(path, bytes) else path
+    exact = int8_host()["exact_mode"]
     try:
-        src = path if isinstance(path, bytes) else str(path)
-        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(src, options(exact), providers=["CPUExecutionProvider"])
+        sess.qbench_caveat = None
+        return sess
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
-        where = "the edited model" if isinstance(path, bytes) else path
-        raise QbenchError(f"ONNX Runtime cannot load '{where}' ({str(e).splitlines()[0][:200]}); "
-                          "re-export it with `qbench export`.") from e
+        error, reason = str(e).splitlines()[0][:200], " ".join(str(e).split()).split(" : ")[-1][:160]
+        if not exact:
+            raise QbenchError(f"ONNX Runtime cannot load '{where}' ({error}); re-export it with `qbench export`.") \
+                from e
+    try:
+        sess = ort.InferenceSession(src, options(False), providers=["CPUExecutionProvider"])
+    except Exception:
+        raise QbenchError(f"ONNX Runtime cannot load '{where}' ({error}); re-export it with `qbench export`.") \
+            from None
+    why = (f"ONNX Runtime's exact int8 mode ({EXACT_INT8_ENTRY}=1), which qbench turns on because this CPU has no "
+           f"VNNI, cannot load '{where}' (ONNX Runtime: {reason})")
+    if not saturating_ok:
+        raise QbenchError(f"{why}; its default kernels can, but they saturate on this CPU. QBENCH_EXACT_INT8=0 runs "
+                          "it on them: what a deployment with default session options computes here.")
+    sess.qbench_caveat = (f"{why}, so it ran on ONNX Runtime's default int8 kernels, which saturate on this CPU: "
+                          "its numbers here are what a deployment with default session options computes on this CPU, "
+                          "not what the model computes on a VNNI CPU or an NPU.")
+    return sess
 
 
 RUNTIMES = ("ort", "openvino")  # what runs an .onnx: ONNX Runtime's CPU EP, or OpenVINO's own runtime
@@ -157,7 +201,8 @@ class Detector:
     forward: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     threads: int = 1
     runtime: str = "ort"  # "ort", "openvino" (an .onnx) or "torch" (a .pt)
-    caveat: str | None = None  # why this runtime's numbers for this model may not be the model's (openvino_caveat)
+    caveat: str | None = None  # why this runtime's numbers for this model may not be the model's (openvino_caveat,
+    # or ONNX Runtime's exact int8 mode refusing the model: ort_session)
 
 
 RUNTIME_NAMES = {"ort": "ONNX Runtime (CPU EP)", "openvino": "OpenVINO (CPU)", "torch": "PyTorch"}
@@ -243,7 +288,8 @@ def _open_onnx(path: Path, threads: int | None, runtime: str = "ort") -> Detecto
         def forward(batch: np.ndarray) -> np.ndarray:
             return request.infer({0: batch})[compiled.output(0)]
     else:
-        sess = ort_session(path, threads)
+        sess = ort_session(path, threads, saturating_ok=True)
+        caveat = sess.qbench_caveat
         inp = sess.get_inputs()[0]
         shape = inp.shape
         name = inp.name

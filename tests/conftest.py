@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +110,22 @@ def small_run(tmp_path_factory, synth_small, default_weights) -> Path:
               profiles=["npu-symmetric"])
     inspect_run(out, images=8, error_images=4)
     return out
+
+
+@pytest.fixture(scope="session")
+def maskcpu(tmp_path_factory) -> Path:
+    """tests/isa/maskcpu.c built as an LD_PRELOAD library that hides AVX-512 and VNNI from CPUID (a process run with
+    it takes the kernels of an AVX2 CPU without VNNI), or a skip where this machine cannot run it."""
+    flags: set[str] = set()
+    if sys.platform.startswith("linux"):
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+    if platform.machine() not in ("x86_64", "AMD64") or "cpuid_fault" not in flags:
+        pytest.skip("needs Linux on x86-64 with CPUID faulting (flag cpuid_fault)")
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("needs a C compiler to build tests/isa/maskcpu.c")
+    lib = tmp_path_factory.mktemp("maskcpu") / "maskcpu.so"
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(lib), str(REPO / "tests" / "isa" / "maskcpu.c")],
+                   check=True)
+    return lib
