@@ -110,7 +110,14 @@ def test_shipped_profiles():
     assert available_profiles() == ["cpu", "npu-symmetric", "npu-symmetric-pow2", "nxp-neutron", "openvino",
                                     "rknn-rk3588"]
     assert load_profile("openvino").settings == {**load_profile("cpu").settings, "activation_fusion": "fused",
-                                                 "shared_concat_scales": True, "float_head_outputs": True}
+                                                 "shared_concat_scales": True, "float_head_outputs": True,
+                                                 "reduce_range": "input"}
+    # 7-bit weights: the profile's `input` (the Convs that read the image), a recipe's `true` kept (every weight)
+    assert apply_profile("default", "openvino").reduce_range == "input"
+    assert apply_profile("reduce-range", "openvino").reduce_range is True
+    assert load_recipe("default").replace(reduce_range="INPUT").reduce_range == "input"
+    with pytest.raises(QbenchError, match=r"'reduce_range' is 'first'; allowed: true .*, input .* or false"):
+        load_recipe("default").replace(reduce_range="first")
     cpu, sym, pow2 = (load_profile(p) for p in ("cpu", "npu-symmetric", "npu-symmetric-pow2"))
     assert (cpu.int_types, sym.int_types, pow2.int_types) == (("int8",), ("int8", "int16"), ("int8", "int16"))
     assert load_profile("rknn-rk3588").settings == {**cpu.settings, "activation_type": "int8",

@@ -332,18 +332,30 @@ def _ort_has_calibration_cache() -> bool:
     return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
-def _quantize_kwargs(recipe: Recipe, excluded: list[str], op_types: list[str]) -> dict:
+def input_conv_weights(model) -> list[str]:
+    """The weight initializers of the Convs that read the model's input (the image) directly."""
+    inputs = {i.name for i in model.graph.input}
+    init = {i.name for i in model.graph.initializer}
+    return [n.input[1] for n in model.graph.node
+            if n.op_type == "Conv" and n.input[0] in inputs and len(n.input) > 1 and n.input[1] in init]
+
+
+def _quantize_kwargs(recipe: Recipe, excluded: list[str], op_types: list[str], narrow: list[str] = ()) -> dict:
+    """quantize_static's arguments for `recipe`; `narrow`: weights quantized to 7 bits (reduce_range: input)."""
     from onnxruntime.quantization import QuantFormat, QuantType
 
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     extra = {"ActivationSymmetric": recipe.activation_symmetric, "WeightSymmetric": recipe.weight_symmetric,
              "CalibMovingAverage": False}
+    if narrow:  # ORT's per-tensor reduce_range; with per-channel weights the override names the channel axis
+        extra["TensorQuantOverrides"] = {w: [{"reduce_range": True, **({"axis": 0} if recipe.per_channel else {})}]
+                                         for w in narrow}
     if recipe.method == "percentile":
         extra["CalibPercentile"] = recipe.effective_percentile
     if recipe.activation_fusion == "unfused":  # ORT folds Relu/Clip into the Conv's range unless told not to
         extra["QDQKeepRemovableActivations"] = True
     return dict(quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types, per_channel=recipe.per_channel,
-                reduce_range=recipe.reduce_range, activation_type=qtype[recipe.activation_type],
+                reduce_range=recipe.reduce_range is True, activation_type=qtype[recipe.activation_type],
                 weight_type=qtype[recipe.weight_type], nodes_to_exclude=list(excluded), extra_options=extra)
 
 
@@ -582,6 +594,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
             for pat in pats:
                 LOG.warning(f"recipe {recipe.name}: {kind} pattern '{pat}' matches no node of '{src}'.")
         excluded_names = [e["node"] for e in excluded]
+        narrow = input_conv_weights(pmodel) if recipe.reduce_range == "input" else []
         op_types = _op_types_to_quantize()
         n_pre_nodes = len(pmodel.graph.node)
         del pmodel
@@ -604,7 +617,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         from onnxruntime.quantization.calibrate import save_tensors_data
 
         qpath = work / "int8.onnx"
-        kwargs = _quantize_kwargs(recipe, excluded_names, op_types)
+        kwargs = _quantize_kwargs(recipe, excluded_names, op_types, narrow)
         if _ort_has_calibration_cache():
             cache = work / "ranges.json"
             save_tensors_data(ranges, cache)
@@ -687,6 +700,8 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
             "forced_in_nodes": forced,
             "head_branch_convs": head.branch_convs,
         }
+        if recipe.reduce_range == "input":
+            resolved["seven_bit_weights"] = narrow
         if u8_activations:
             resolved["u8_activations"] = "int8 activation Q/DQ written as uint8, zero point + 128 (same values)"
         if ranges_file is not None:

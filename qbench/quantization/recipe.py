@@ -25,7 +25,11 @@ Keys (defaults in brackets):
   weight_type       int8 | uint8                                    [int8]
   activation_symmetric  symmetric activation ranges                 [false]
   weight_symmetric  symmetric weight ranges                         [true]
-  reduce_range      7-bit weights (old non-VNNI x86)                [false]
+  reduce_range      7-bit weights ([-64, 64]): true (every weight), input (only the Convs that read the model
+                    input, the image: NNCF's "overflow fix" for its first layer), or false  [false]
+                    On x86 CPUs without VNNI the int8 kernels of ONNX Runtime and OpenVINO add pairs of
+                    uint8 x int8 products in saturating 16-bit arithmetic; 7-bit weights cannot overflow it. The
+                    image's full 0-255 codes make the first Conv the one that overflows most.
   format            qdq                                             [qdq]
   opset             13..20, or null to keep the model's opset       [null]
   exclude           node-name glob patterns kept float              [[]]
@@ -111,7 +115,7 @@ class Recipe:
     weight_type: str = "int8"
     activation_symmetric: bool = False
     weight_symmetric: bool = True
-    reduce_range: bool = False
+    reduce_range: bool | str = False  # True, False or "input" (only the Convs that read the model input)
     format: str = "qdq"
     opset: int | None = None
     exclude: tuple[str, ...] = ()
@@ -251,7 +255,12 @@ def recipe_from_dict(data: dict, name: str = "custom", kind: str = "recipe") -> 
     r["num_bins"] = nb
     r["calib_size"] = _int(label, "calib_size", d.get("calib_size", 128), MIN_CALIB, MAX_CALIB,
                            f" (fewer than {MIN_CALIB} images give unstable ranges)")
-    for key in ("per_channel", "activation_symmetric", "weight_symmetric", "reduce_range", "keep_head_float",
+    rr = d.get("reduce_range", False)
+    if not isinstance(rr, bool) and not (isinstance(rr, str) and rr.lower() == "input"):
+        raise QbenchError(f"{label}: 'reduce_range' is {rr!r}; allowed: true (every weight 7-bit), input (the Convs "
+                          "that read the model input) or false.")
+    r["reduce_range"] = rr if isinstance(rr, bool) else "input"
+    for key in ("per_channel", "activation_symmetric", "weight_symmetric", "keep_head_float",
                 "pow2_scales", "shift_negative", "shared_concat_scales", "float_head_outputs"):
         r[key] = _bool(label, key, d.get(key, Recipe.__dataclass_fields__[key].default))
     r["activation_type"] = _choice(label, "activation_type", d.get("activation_type", "uint8"), ACT_TYPES)
