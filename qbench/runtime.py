@@ -32,27 +32,20 @@ def default_threads() -> int:
 EXACT_INT8_ENTRY = "session.x64quantprecision"
 
 
-def _cpu_name() -> str:
+def _cpuinfo(field_name: str) -> str | None:
+    """The first CPU's `field_name` line of /proc/cpuinfo ("model name", "flags"), or None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field_name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
 
 
-def _kernel_cpu_flags() -> set[str]:
-    """The CPU's feature flags as the kernel reads them (/proc/cpuinfo), empty where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def _cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def qdq_conv_model(w, w_scale, y_scale: float, y_zero: int, hw: int, pad: int = 0):
@@ -119,7 +112,7 @@ def int8_host() -> dict:
     except Exception as e:  # no probe, no claim: sessions keep ONNX Runtime's defaults
         return {"cpu": cpu, "u8s8_saturates": None, "exact_mode": False,
                 "int8_kernels": f"ONNX Runtime's defaults (the saturation probe failed: {e})"}
-    if saturates and _kernel_cpu_flags() & {"avx512_vnni", "avx_vnni"}:
+    if saturates and {"avx512_vnni", "avx_vnni"} & set((_cpuinfo("flags") or "").split()):
         # the kernel lists VNNI, yet ORT's kernels saturate: CPUID hides it from this process (an AVX2 CPU emulated
         # with tests/isa/maskcpu.c, or a hypervisor), so every kernel choice and timing here is such a CPU's
         cpu += " with VNNI hidden from CPUID (it runs the kernels of a CPU without VNNI)"
@@ -163,20 +156,24 @@ def ort_session(path: str | Path | bytes, threads: int | None = None, optimize: 
     src = path if isinstance(path, bytes) else str(path)
     where = "the edited model" if isinstance(path, bytes) else path
     exact = int8_host()["exact_mode"]
+
+    def cannot_load(e: Exception) -> QbenchError:
+        return QbenchError(f"ONNX Runtime cannot load '{where}' ({str(e).splitlines()[0][:200]}); re-export it with "
+                           "`qbench export`.")
+
     try:
         sess = ort.InferenceSession(src, options(exact), providers=["CPUExecutionProvider"])
         sess.qbench_caveat = None
         return sess
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
-        error, reason = str(e).splitlines()[0][:200], " ".join(str(e).split()).split(" : ")[-1][:160]
         if not exact:
-            raise QbenchError(f"ONNX Runtime cannot load '{where}' ({error}); re-export it with `qbench export`.") \
-                from e
-    try:
+            raise cannot_load(e) from e
+        refused = e
+    try:  # exact mode refused it: do ONNX Runtime's default kernels load it?
         sess = ort.InferenceSession(src, options(False), providers=["CPUExecutionProvider"])
     except Exception:
-        raise QbenchError(f"ONNX Runtime cannot load '{where}' ({error}); re-export it with `qbench export`.") \
-            from None
+        raise cannot_load(refused) from None
+    reason = " ".join(str(refused).split()).split(" : ")[-1][:160]
     why = (f"ONNX Runtime's exact int8 mode ({EXACT_INT8_ENTRY}=1), which qbench turns on because this CPU has no "
            f"VNNI, cannot load '{where}' (ONNX Runtime: {reason})")
     if not saturating_ok:
