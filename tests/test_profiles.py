@@ -111,10 +111,16 @@ def test_shipped_profiles():
                                     "rknn-rk3588"]
     assert load_profile("openvino").settings == {**load_profile("cpu").settings, "activation_fusion": "fused",
                                                  "shared_concat_scales": True, "float_head_outputs": True,
-                                                 "reduce_range": "input"}
-    # 7-bit weights: the profile's `input` (the Convs that read the image), a recipe's `true` kept (every weight)
-    assert apply_profile("default", "openvino").reduce_range == "input"
-    assert apply_profile("reduce-range", "openvino").reduce_range is True
+                                                 "keep_input_float": True}
+    ov = apply_profile("default", "openvino")
+    assert ov.keep_input_float is True and ov.reduce_range is False
+    assert apply_profile("reduce-range", "openvino").reduce_range is True  # the profile leaves 7-bit weights alone
+    # a profile's 7-bit input Convs (NNCF's overflow fix) keep a recipe's `true` (every weight 7-bit)
+    from qbench.quantization.profile import profile_from_dict
+
+    nncf_like = profile_from_dict({**load_profile("cpu").settings, "reduce_range": "input"}, "nncf-like")
+    assert apply_profile("default", nncf_like).reduce_range == "input"
+    assert apply_profile("reduce-range", nncf_like).reduce_range is True
     assert load_recipe("default").replace(reduce_range="INPUT").reduce_range == "input"
     with pytest.raises(QbenchError, match=r"'reduce_range' is 'first'; allowed: true .*, input .* or false"):
         load_recipe("default").replace(reduce_range="first")

@@ -332,12 +332,16 @@ def _ort_has_calibration_cache() -> bool:
     return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
+def input_convs(model) -> list:
+    """The Conv nodes that read the model's input (the image) directly."""
+    inputs = {i.name for i in model.graph.input}
+    return [n for n in model.graph.node if n.op_type == "Conv" and n.input[0] in inputs]
+
+
 def input_conv_weights(model) -> list[str]:
     """The weight initializers of the Convs that read the model's input (the image) directly."""
-    inputs = {i.name for i in model.graph.input}
     init = {i.name for i in model.graph.initializer}
-    return [n.input[1] for n in model.graph.node
-            if n.op_type == "Conv" and n.input[0] in inputs and len(n.input) > 1 and n.input[1] in init]
+    return [n.input[1] for n in input_convs(model) if len(n.input) > 1 and n.input[1] in init]
 
 
 def _quantize_kwargs(recipe: Recipe, excluded: list[str], op_types: list[str], narrow: list[str] = ()) -> dict:
@@ -368,6 +372,9 @@ def _resolve_exclusions(model, head: HeadInfo | None, recipe: Recipe) -> tuple[l
         dfl = set(head.dfl_convs)
         for n in head.decode:
             reasons[n] = "DFL conv (fixed arange weights after the softmax)" if n in dfl else "detect-head decode"
+    if recipe.keep_input_float:
+        for n in input_convs(model):
+            reasons[n.name] = "reads the image (recipe keep_input_float)"
     unmatched = {"exclude": [], "include": []}
     for pat in recipe.exclude:
         hits = fnmatch.filter(names, pat)
@@ -702,6 +709,8 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         }
         if recipe.reduce_range == "input":
             resolved["seven_bit_weights"] = narrow
+        if recipe.keep_input_float:
+            resolved["float_input_convs"] = [e["node"] for e in excluded if e["reason"].endswith("keep_input_float)")]
         if u8_activations:
             resolved["u8_activations"] = "int8 activation Q/DQ written as uint8, zero point + 128 (same values)"
         if ranges_file is not None:

@@ -4,8 +4,8 @@ operators it runs (`qbench ops`).
 A recipe says how to calibrate and what to keep float; a target says what the hardware can compute:
 - its arithmetic, the hardware keys (PROFILE_KEYS), validated by the recipe validators; a target that sets them is
   a *profile* (`--profile`), whose INT8 accuracy ONNX Runtime measures on any machine; it may also set the
-  placement keys (OPTIONAL_PROFILE_KEYS: shared_concat_scales, float_head_outputs) and 7-bit weights
-  (reduce_range), which otherwise come from the recipe;
+  placement keys (OPTIONAL_PROFILE_KEYS: shared_concat_scales, float_head_outputs), 7-bit weights
+  (reduce_range) and a float input Conv (keep_input_float), which otherwise come from the recipe;
 - what it runs (TARGET_KEYS): `ops` (ONNX op type -> attribute limits, see OP_CONSTRAINTS), `int_types`,
   `fallback` (unsupported ops run on the host CPU, or the compiler refuses the model) and `source` (the document
   the list comes from). A target may describe only its operators (no arithmetic keys): it then serves `qbench ops`
@@ -45,7 +45,7 @@ PROFILES_DIR = shipped("configs") / "npu"
 PROFILE_KEYS = ("activation_type", "activation_symmetric", "weight_type", "weight_symmetric", "per_channel",
                 "pow2_scales", "activation_fusion")
 # a profile that omits them leaves the recipe's; reduce_range: a profile's `input` keeps a recipe's `true`
-OPTIONAL_PROFILE_KEYS = ("shared_concat_scales", "float_head_outputs", "reduce_range")
+OPTIONAL_PROFILE_KEYS = ("shared_concat_scales", "float_head_outputs", "reduce_range", "keep_input_float")
 TARGET_KEYS = ("name", "source", "int_types", "fallback", "ops")
 INT_TYPES = ("int8", "int16")
 FALLBACKS = ("cpu", "error")

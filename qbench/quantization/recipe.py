@@ -35,6 +35,12 @@ Keys (defaults in brackets):
   exclude           node-name glob patterns kept float              [[]]
   include           node-name glob patterns quantized even when excluded otherwise [[]]
   keep_head_float   keep the YOLO detect-head decode in float       [true]
+  keep_input_float  keep the Convs that read the model input (the image) float; their outputs are quantized as
+                    usual   [false]
+                    The image's full 0-255 codes overflow the saturating 16-bit pair sums of ONNX Runtime's and
+                    OpenVINO's int8 kernels on x86 CPUs without VNNI; a float first Conv cannot overflow and keeps
+                    every bit of its weights (7-bit weights, reduce_range: input, cost 0.25 points of mAP50-95 on
+                    the gtsdb4 YOLOv8n's held-out set, docs/runtimes.md). It is about 1% of a YOLO's MACs.
   pow2_scales       every scale a power of two (activation, per-channel weight and int32 bias scales), each
                     rounded UP to 2**ceil(log2(s)) so nothing calibrated is clipped; weights and biases are
                     requantized from the float model. Needs zero points of 0: activation_symmetric and
@@ -121,6 +127,7 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     keep_head_float: bool = True
+    keep_input_float: bool = False
     pow2_scales: bool = False
     activation_fusion: str = "ort"
     shared_concat_scales: bool = False
@@ -260,7 +267,7 @@ def recipe_from_dict(data: dict, name: str = "custom", kind: str = "recipe") -> 
         raise QbenchError(f"{label}: 'reduce_range' is {rr!r}; allowed: true (every weight 7-bit), input (the Convs "
                           "that read the model input) or false.")
     r["reduce_range"] = rr if isinstance(rr, bool) else "input"
-    for key in ("per_channel", "activation_symmetric", "weight_symmetric", "keep_head_float",
+    for key in ("per_channel", "activation_symmetric", "weight_symmetric", "keep_head_float", "keep_input_float",
                 "pow2_scales", "shift_negative", "shared_concat_scales", "float_head_outputs"):
         r[key] = _bool(label, key, d.get(key, Recipe.__dataclass_fields__[key].default))
     r["activation_type"] = _choice(label, "activation_type", d.get("activation_type", "uint8"), ACT_TYPES)
