@@ -198,7 +198,8 @@ def default_layout(runtime: str) -> dict | None:
     if runtime == "openvino":
         return {"profile": "openvino", "fusion": None, "recipe": "mean-minmax",
                 "why": "OpenVINO: profile openvino (Conv+activation fused, Concat on shared scales, float head "
-                       "outputs: the most accurate layout it runs in int8), recipe mean-minmax unless --recipe"}
+                       "outputs, the Conv that reads the image float: the most accurate layout it runs in int8, "
+                       "also on CPUs without VNNI), recipe mean-minmax unless --recipe"}
     return None  # ORT: the recipe as given (its layout: Conv output requantized before the activation)
 
 
