@@ -40,7 +40,8 @@ Keys (defaults in brackets):
                     The image's full 0-255 codes overflow the saturating 16-bit pair sums of ONNX Runtime's and
                     OpenVINO's int8 kernels on x86 CPUs without VNNI; a float first Conv cannot overflow and keeps
                     every bit of its weights (7-bit weights, reduce_range: input, cost 0.25 points of mAP50-95 on
-                    the gtsdb4 YOLOv8n's held-out set, docs/runtimes.md). It is about 1% of a YOLO's MACs.
+                    the gtsdb4 YOLOv8n's held-out set, docs/runtimes.md). It is about 1% of a YOLO's MACs, and
+                    about 5% of its latency on OpenVINO (3-11% measured).
   pow2_scales       every scale a power of two (activation, per-channel weight and int32 bias scales), each
                     rounded UP to 2**ceil(log2(s)) so nothing calibrated is clipped; weights and biases are
                     requantized from the float model. Needs zero points of 0: activation_symmetric and
