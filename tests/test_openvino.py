@@ -11,6 +11,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+import yaml
 from conftest import REPO
 from onnx import numpy_helper
 
@@ -202,6 +203,8 @@ def test_openvino_profile_computes_the_same_on_a_cpu_without_vnni(family_models,
     first = set(input_conv_weights(onnx.load(str(fp32))))
     assert first_nodes, family
     assert [e["node"] for e in q["excluded"] if "keep_input_float" in e["reason"]] == first_nodes, family
+    resolved = yaml.safe_load(open(q["recipe_file"]))["resolved"]
+    assert resolved["float_input_convs"] == first_nodes and "seven_bit_weights" not in resolved, family
 
     def conv_weights(path) -> dict:
         model = onnx.load(path)

@@ -602,6 +602,8 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
                 LOG.warning(f"recipe {recipe.name}: {kind} pattern '{pat}' matches no node of '{src}'.")
         excluded_names = [e["node"] for e in excluded]
         narrow = input_conv_weights(pmodel) if recipe.reduce_range == "input" else []
+        float_inputs = [n.name for n in input_convs(pmodel) if n.name in excluded_names] \
+            if recipe.keep_input_float else []
         op_types = _op_types_to_quantize()
         n_pre_nodes = len(pmodel.graph.node)
         del pmodel
@@ -710,7 +712,7 @@ def quantize_ort(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike, reci
         if recipe.reduce_range == "input":
             resolved["seven_bit_weights"] = narrow
         if recipe.keep_input_float:
-            resolved["float_input_convs"] = [e["node"] for e in excluded if e["reason"].endswith("keep_input_float)")]
+            resolved["float_input_convs"] = float_inputs
         if u8_activations:
             resolved["u8_activations"] = "int8 activation Q/DQ written as uint8, zero point + 128 (same values)"
         if ranges_file is not None:
