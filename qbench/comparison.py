@@ -197,7 +197,7 @@ def compare_md(c: dict) -> str:
              f"conf {s['conf']}, iou {s['iou']}, {c['threads']} threads."]
     if c.get("host"):  # files written before qbench recorded it have none
         ort = "ort" in (c.get("runtimes") or {"ort": ""})
-        lines.append(f"CPU: {c['host']['cpu']}" + (f"; ONNX Runtime int8 kernels: {c['host']['int8_kernels']}." if ort
+        lines.append(f"CPU: {cpu_text(c['host'])}" + (f"; ONNX Runtime int8 kernels: {c['host']['int8_kernels']}." if ort
                                                     else "."))
     if c.get("runtimes"):
         lines.append(f"Runtime: {', '.join(c['runtimes'].values())}"
@@ -244,6 +244,12 @@ def compare_md(c: dict) -> str:
     lines += sanity_lines({**({"int8": c["sanity"]} if c.get("sanity") else {}),
                            **{k: v.get("sanity") for k, v in c.get("variants", {}).items()}})
     return "\n".join(lines) + "\n"
+
+
+def cpu_text(host: dict) -> str:
+    """'Intel(R) Xeon(R) Processor (AVX-512, VNNI, bf16)': the CPU of a host record (`runtime.int8_host`) with its
+    int8-relevant extensions where it names them (records written before qbench did, do not)."""
+    return host["cpu"] + (f" ({host['isa']})" if host.get("isa") else "")
 
 
 def caveat_lines(caveats: dict) -> list[str]:

@@ -32,7 +32,7 @@ import onnx
 
 from . import __version__
 from .calibration import CalibrationReader, calibration_paths
-from .comparison import caveat_lines, compare
+from .comparison import caveat_lines, compare, cpu_text
 from .data.preprocess import load_batch
 from .errors import QbenchError
 from .evaluation import EvalSettings
@@ -179,7 +179,7 @@ def peers_md(r: dict) -> str:
     lines = [f"# Peers on `{r['data']}`", "", f"Reproduce: `{r['command']}`" if r.get("command") else "", "",
              f"{r['images']['val']} val images" + (f", {r['images']['heldout']} held-out images" if held else "")
              + f", imgsz {r['imgsz']}, {r['threads']} threads, calibration: the first {r['calibration_images']} "
-             f"images of `{r['calibration']}`. CPU: {r['host']['cpu']}. Runtimes: "
+             f"images of `{r['calibration']}`. CPU: {cpu_text(r['host'])}. Runtimes: "
              f"{', '.join(r['runtimes'].values())}. {r['baseline']}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in r["rows"]:

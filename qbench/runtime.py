@@ -48,6 +48,18 @@ def _cpu_name() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str | None:
+    """The x86 extensions that decide int8 and float speed (and, without VNNI, int8 saturation), as the kernel lists
+    them: "AVX-512, VNNI, bf16", "AVX2, no VNNI", ...; None where /proc/cpuinfo lists no flags (not Linux/x86)."""
+    flags = set((_cpuinfo("flags") or "").split())
+    if not flags or not flags & {"sse2", "avx", "avx2"}:
+        return None
+    parts = ["AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2",
+             "VNNI" if flags & {"avx512_vnni", "avx_vnni"} else "no VNNI"]
+    parts += [name for name, fl in (("bf16", {"avx512_bf16", "amx_bf16"}), ("AMX", {"amx_int8"})) if flags & fl]
+    return ", ".join(parts)
+
+
 def qdq_conv_model(w, w_scale, y_scale: float, y_zero: int, hw: int, pad: int = 0):
     """A QDQ model of one Conv that ONNX Runtime runs as a QLinearConv: x (float on the uint8 grid of step 1) ->
     Q/DQ -> Conv with int8 weights `w` (cout, cin, k, k), per-output-channel scales `w_scale`, zero points 0 ->
@@ -100,7 +112,7 @@ def int8_host() -> dict:
     (recipe `reduce_range: true`) cannot saturate and keep the fast kernels. QBENCH_EXACT_INT8=0 keeps ONNX
     Runtime's default kernels: what a deployment with default session options computes on this CPU.
     """
-    cpu, exact = _cpu_name(), 16 * 255 * 127
+    cpu, isa, exact = _cpu_name(), cpu_isa(), 16 * 255 * 127
     wanted = os.environ.get("QBENCH_EXACT_INT8", "1").strip() != "0"
 
     def wrong(value: float) -> bool:
@@ -110,12 +122,13 @@ def int8_host() -> dict:
         saturates = wrong(_saturation_probe(exact=False))
         exact_mode = saturates and wanted and not wrong(_saturation_probe(exact=True))
     except Exception as e:  # no probe, no claim: sessions keep ONNX Runtime's defaults
-        return {"cpu": cpu, "u8s8_saturates": None, "exact_mode": False,
+        return {"cpu": cpu, "isa": isa, "u8s8_saturates": None, "exact_mode": False,
                 "int8_kernels": f"ONNX Runtime's defaults (the saturation probe failed: {e})"}
     if saturates and {"avx512_vnni", "avx_vnni"} & set((_cpuinfo("flags") or "").split()):
         # the kernel lists VNNI, yet ORT's kernels saturate: CPUID hides it from this process (an AVX2 CPU emulated
         # with tests/isa/maskcpu.c, or a hypervisor), so every kernel choice and timing here is such a CPU's
         cpu += " with VNNI hidden from CPUID (it runs the kernels of a CPU without VNNI)"
+        isa = f"as listed by the kernel: {isa}"
     if not saturates:
         kernels = "u8s8, exact on this CPU"
     elif exact_mode:
@@ -124,7 +137,8 @@ def int8_host() -> dict:
     else:
         kernels = ("SATURATING u8s8 (this CPU has no VNNI and exact mode is off): INT8 accuracy here is lower "
                    "than on a VNNI CPU or an NPU")
-    return {"cpu": cpu, "u8s8_saturates": saturates, "exact_mode": exact_mode, "int8_kernels": kernels}
+    return {"cpu": cpu, "isa": isa, "u8s8_saturates": saturates, "exact_mode": exact_mode,
+            "int8_kernels": kernels}
 
 
 def ort_session(path: str | Path | bytes, threads: int | None = None, optimize: bool = True,
@@ -261,20 +275,67 @@ def signed_activation_quantizers(path) -> int:
                and n.input[2] in int8_zero_points for n in g.node)
 
 
+def saturating_input_convs(path: str | Path) -> list[str]:
+    """The Convs of a QDQ ONNX that read the model input (the image) through an 8-bit quantizer and hold int8 weights
+    beyond 7 bits (|q| > 64). On x86 CPUs without VNNI the int8 kernels of ONNX Runtime and OpenVINO add each pair
+    of uint8 x int8 products in saturating 16-bit arithmetic; the image's 0-255 codes times such weights overflow
+    it (255 * 127 * 2 = 64770 > 32767), and 7-bit weights cannot (255 * 64 * 2 = 32640)."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path)).graph
+    inputs = {i.name for i in g.input}
+    init = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def made_by(t, op):
+        n = producer.get(t)
+        return n if n is not None and n.op_type == op else None
+
+    out = []
+    for n in g.node:
+        if n.op_type != "Conv" or len(n.input) < 2:
+            continue
+        x_dq, w_dq = made_by(n.input[0], "DequantizeLinear"), made_by(n.input[1], "DequantizeLinear")
+        if x_dq is None or w_dq is None or w_dq.input[0] not in init:
+            continue
+        x_q = made_by(x_dq.input[0], "QuantizeLinear")
+        if x_q is None or x_q.input[0] not in inputs:
+            continue
+        w = numpy_helper.to_array(init[w_dq.input[0]])
+        if w.dtype == np.int8 and np.abs(w.astype(np.int16)).max() > 64:
+            out.append(n.name)
+    return out
+
+
 def openvino_caveat(path: str | Path) -> str | None:
     """Why OpenVINO's numbers for this ONNX may not be what the model computes, or None.
 
-    OpenVINO's CPU plugin (2026.4) runs int8 (signed) activations inaccurately, with a zero point of 0 or not, and
-    the same values stored as uint8 correctly (docs/runtimes.md, tests/test_openvino.py). Its numbers for such a
-    file are what OpenVINO gives for it, not the model's accuracy."""
+    - OpenVINO's CPU plugin (2026.4) runs int8 (signed) activations inaccurately, with a zero point of 0 or not,
+      and the same values stored as uint8 correctly (docs/runtimes.md, tests/test_openvino.py).
+    - On a CPU without VNNI its int8 kernels saturate (`saturating_input_convs`), and it has no exact mode as
+      ONNX Runtime has (`int8_host`): a model whose image Conv holds 8-bit weights loses accuracy there that it
+      does not lose on a VNNI CPU or an NPU (the gtsdb4 reference model's `cpu` fused layout on OpenVINO: -0.0322
+      mAP50-95 on val with VNNI hidden, -0.0031 with it; docs/runtimes.md).
+    Its numbers for such a file are what OpenVINO gives for it on this CPU, not the model's accuracy."""
+    reasons = []
     n = signed_activation_quantizers(path)
-    if not n:
-        return None
-    return (f"{n} activation quantizers of this model are int8 (signed), which OpenVINO's CPU plugin runs "
-            "inaccurately: its numbers here are OpenVINO's for this file, not what the model computes. Store the "
-            "activations as uint8 with zero point + 128 (the same values) before deploying on OpenVINO: "
-            "qbench quantizes that way for --runtime openvino, and "
-            "qbench.quantization.constraints.activations_to_uint8 rewrites an existing model.")
+    if n:
+        reasons.append(f"{n} activation quantizers of this model are int8 (signed), which OpenVINO's CPU plugin runs "
+                       "inaccurately: its numbers here are OpenVINO's for this file, not what the model computes. "
+                       "Store the activations as uint8 with zero point + 128 (the same values) before deploying on "
+                       "OpenVINO: qbench quantizes that way for --runtime openvino, and "
+                       "qbench.quantization.constraints.activations_to_uint8 rewrites an existing model.")
+    if int8_host()["u8s8_saturates"]:
+        first = saturating_input_convs(path)
+        if first:
+            reasons.append(f"this CPU has no VNNI: OpenVINO's int8 kernels add pairs of uint8 x int8 products in "
+                           f"saturating 16-bit arithmetic, which the image's 0-255 codes overflow in {', '.join(first)}"
+                           " (8-bit weights; OpenVINO has no exact mode): its numbers here are this CPU's, lower "
+                           "than what the model computes on a VNNI CPU or an NPU. Quantize with keep_input_float "
+                           "(the openvino profile) or reduce_range: input for a model that computes the same on "
+                           "every CPU.")
+    return " Also: ".join(reasons) or None
 
 
 def _open_onnx(path: Path, threads: int | None, runtime: str = "ort") -> Detector:

@@ -182,6 +182,13 @@ np.save(sys.argv[3], c.create_infer_request().infer({0: np.load(sys.argv[2])})[c
 """
 
 
+CAVEATS = """
+import json, sys
+from qbench.runtime import openvino_caveat
+print(json.dumps([openvino_caveat(p) for p in sys.argv[1:]]))
+"""
+
+
 @pytest.mark.slow
 def test_openvino_profile_computes_the_same_on_a_cpu_without_vnni(family_models, tmp_path, maskcpu):
     """On x86 CPUs without VNNI OpenVINO's int8 kernels add pairs of uint8 x int8 products in saturating 16-bit
@@ -189,7 +196,7 @@ def test_openvino_profile_computes_the_same_on_a_cpu_without_vnni(family_models,
     2.4 points of mAP50-95). The `openvino` profile keeps the Convs that read the image float (keep_input_float):
     with VNNI hidden from CPUID (tests/isa/maskcpu.c) OpenVINO then computes the model as on this CPU, where the
     same model with those Convs in int8 does not. 7-bit weights there (reduce_range: input, NNCF's overflow fix)
-    also compute the same."""
+    also compute the same. Next to OpenVINO's numbers, qbench flags the model that does not, on that CPU only."""
     import os
     import subprocess
     import sys
@@ -235,6 +242,19 @@ def test_openvino_profile_computes_the_same_on_a_cpu_without_vnni(family_models,
 
     kept, seven_db, full_db = (db(ov_out(p, False), ov_out(p, True)) for p in (q["out"], seven, full))
     assert kept > 40 and seven_db > 40 and full_db < min(kept, seven_db) - 10, (family, kept, seven_db, full_db)
+
+    def caveats(masked) -> list[str]:  # what qbench says next to OpenVINO's numbers for each model, on each CPU
+        env = {**os.environ, **({"LD_PRELOAD": str(maskcpu)} if masked else {})}
+        r = subprocess.run([sys.executable, "-c", CAVEATS, str(q["out"]), str(seven), str(full)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    # only the model that computes something else without VNNI is flagged, and only on such a CPU
+    assert caveats(False) == [None, None, None], family
+    kept_says, seven_says, full_says = caveats(True)
+    assert kept_says is None and seven_says is None, (family, kept_says, seven_says)
+    assert "no VNNI" in full_says and first_nodes[0] in full_says, (family, full_says)
 
 
 @pytest.mark.slow

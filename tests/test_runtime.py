@@ -65,6 +65,11 @@ def test_int8_convolutions_are_exact_on_every_cpu(tmp_path):
     host = int8_host()
     assert set(host) >= {"cpu", "u8s8_saturates", "exact_mode", "int8_kernels"} and host["u8s8_saturates"] is not None
     assert host["exact_mode"] == host["u8s8_saturates"]  # exact mode exactly where it is needed (default settings)
+    with open("/proc/cpuinfo") as f:
+        flags = set(f.read().split())
+    if flags & {"avx2", "avx512f"}:  # named next to every timing: what decides int8 speed (and saturation)
+        assert ("no VNNI" in host["isa"]) == (not flags & {"avx512_vnni", "avx_vnni"}), host["isa"]
+        assert ("AVX-512" in host["isa"]) == ("avx512f" in flags) and ("AMX" in host["isa"]) == ("amx_int8" in flags)
     y = ort_session(path, 1).run(None, {"x": x})[0][0]
     assert np.abs(y - expected).max() <= 1.01 * y_scale
 
@@ -89,6 +94,8 @@ def test_int8_is_exact_on_a_cpu_without_vnni(tmp_path, maskcpu):
     with open("/proc/cpuinfo") as f:
         vnni = bool({"avx512_vnni", "avx_vnni"} & set(f.read().split()))
     assert ("VNNI hidden from CPUID" in host["cpu"]) == vnni
+    # the extensions named next to the CPU are the kernel's list, said to be so where the process sees others
+    assert host["isa"].startswith("as listed by the kernel: ") == vnni and ("no VNNI" in host["isa"]) != vnni
 
     fast, host = _run_in_process(tmp_path, path, x, LD_PRELOAD=str(lib), QBENCH_EXACT_INT8="0")
     assert host["u8s8_saturates"] is True and host["exact_mode"] is False and "SATURATING" in host["int8_kernels"]
