@@ -262,12 +262,14 @@ def quantize_with_accuracy_control(model: PathLike, out: PathLike, config: str |
                                    profile: str | None = None, fusion: str | None = None,
                                    max_float: int | None = None, threads: int | None = None,
                                    allow_scored_calib: bool = False, progress: bool = False,
-                                   fallback: str = "float") -> MixedResult:
+                                   fallback: str = "float", runtime: str = "ort") -> MixedResult:
     """Quantize, then move the fewest convs (sensitivity-ranked) from INT8 to `fallback` precision ("float", or
     "int16" where the profile's target lists it) until mAP50-95 on data's val split drops by at most `max_drop`
     points (0.3 = 0.003); writes mixed.json and sensitivity.csv/json beside `out`, and the model only when the
-    budget is met. (The metric is qbench's own mAP50-95 on `data`.)"""
+    budget is met. (The metric is qbench's own mAP50-95 on `data`, every model run by `runtime`: "ort" or
+    "openvino", the runtime that deploys it.)"""
     out = Path(out)
+    settings = EvalSettings(threads=threads, runtime=runtime)  # a bad runtime: refused before any work
     cfg = _config(config, profile, fusion)
     if isinstance(cfg, IncConfig):
         raise QbenchError("accuracy control keeps ONNX Runtime layers in FP32; pass a recipe, not an IncConfig.")
@@ -278,7 +280,7 @@ def quantize_with_accuracy_control(model: PathLike, out: PathLike, config: str |
                           "use --fallback float, or a profile whose target lists int16.")
     _, fp32, cal = _prepare(model, out, cfg, calib, data)
     m = quantize_max_drop(fp32, out, cfg, cal, data, max_drop, max_float=max_float,
-                          settings=EvalSettings(threads=threads), progress=progress, threads=threads,
+                          settings=settings, progress=progress, threads=threads,
                           allow_scored_calib=allow_scored_calib, fallback=fallback)
     return MixedResult(out if m.get("met") else None, bool(m.get("met")), m.get("float_layers", []), m)
 

@@ -223,14 +223,18 @@ def quantize(
     threads: Optional[int] = typer.Option(None),
     allow_scored_calib: bool = typer.Option(False, "--allow-scored-calib", help="With --max-drop: accept a --calib "
                                             "manifest that holds images of the scored split."),
+    runtime: str = typer.Option("ort", "--runtime", help="With --max-drop: what runs the models the budget is "
+                                "measured on: ort (ONNX Runtime's CPU EP) or openvino (OpenVINO's runtime; the "
+                                "activations are then stored as uint8, as it needs)."),
 ):
     """Static INT8 PTQ with ONNX Runtime (QDQ), the YOLO decode kept in float; or Intel Neural Compressor."""
     eng = engine_named(engine)
     if eng.name == "inc" and (max_drop is not None or profile or fusion or recipe != "default"):
         raise QbenchError("--engine inc tunes on its own (--tolerable-loss); --recipe, --profile, --fusion and "
                           "--max-drop are ONNX Runtime engine options.")
-    if max_drop is None and (max_float is not None or fallback != "float"):
-        raise QbenchError("--max-float and --fallback only apply with --max-drop.")
+    if max_drop is None and (max_float is not None or fallback != "float" or runtime != "ort"):
+        raise QbenchError("--max-float, --fallback and --runtime only apply with --max-drop (`qbench run --runtime "
+                          "openvino` quantizes for OpenVINO and scores it there).")
     if max_drop is None and eng.name == "ort" and (calib_manifest is None) == (data is None):
         raise QbenchError("pass exactly one of --calib MANIFEST.json or --data DATA.yaml for the calibration images.")
     config = IncConfig(tolerable_loss=tolerable_loss, max_trials=max_trials) if eng.name == "inc" else recipe
@@ -240,9 +244,9 @@ def quantize(
         r = api.quantize_with_accuracy_control(model, out, config, data=data, max_drop=max_drop, calib=calib_manifest,
                                                profile=profile, fusion=fusion, max_float=max_float, threads=threads,
                                                allow_scored_calib=allow_scored_calib, progress=True,
-                                               fallback=fallback)
+                                               fallback=fallback, runtime=runtime)
         m = r.report
-        typer.echo(f"wrote {out}: mAP50-95 {m['fp32_mAP50-95']:.4f} FP32, {m['int8_mAP50-95']:.4f} all-INT8 "
+        typer.echo(f"wrote {out}: mAP50-95 on {m['runtimes'][runtime]} {m['fp32_mAP50-95']:.4f} FP32, {m['int8_mAP50-95']:.4f} all-INT8 "
                    f"(-{m['drop_points']['int8']} points), {m['mixed_mAP50-95']:.4f} mixed "
                    f"(-{m['drop_points']['mixed']} points, budget {max_drop}) with {len(m['float_layers'])} of "
                    f"{m['quantized_convs']} convs in {'INT16' if fallback == 'int16' else 'FP32'}:")

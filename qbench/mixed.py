@@ -44,7 +44,7 @@ from .progress import bar
 from .quantization.fallback import conv_layers, int16_activation_tensors, keep_float, keep_int16
 from .quantization.ort_engine import quantize_ort, recipe_file
 from .quantization.recipe import load_recipe
-from .runtime import open_model
+from .runtime import open_model, runtime_versions
 
 DEFAULT_MAX_FLOAT_FRACTION = 0.10  # at most this share of the quantized convs leave INT8 by default
 FALLBACKS = {"float": keep_float, "int16": keep_int16}
@@ -72,8 +72,9 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
                       progress: bool = False, threads: int | None = None, allow_scored_calib: bool = False,
                       fallback: str = "float") -> dict:
     """Quantize with `recipe`, then move the fewest Convs from INT8 to `fallback` ("float" or "int16") so that
-    mAP50-95 drops by at most `max_drop` points (0.3 = 0.003) on `data`'s scoring split. Returns the JSON-able report
-    (also written as mixed.json)."""
+    mAP50-95 drops by at most `max_drop` points (0.3 = 0.003) on `data`'s scoring split. Every model is scored and
+    timed by `settings.runtime` (ONNX Runtime or OpenVINO: the runtime that deploys it; for OpenVINO the activations
+    are stored as uint8, as it needs). Returns the JSON-able report (also written as mixed.json)."""
     import onnx
 
     settings = settings or EvalSettings()
@@ -100,7 +101,8 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
     with scratch("mixed") as td:
         work = Path(td)
         q_all = work / "int8.onnx"
-        qrep = quantize_ort(fp32_onnx, q_all, rec, calib, progress=progress, threads=threads)
+        qrep = quantize_ort(fp32_onnx, q_all, rec, calib, progress=progress, threads=threads,
+                            u8_activations=settings.runtime == "openvino")
         # with equalize or shift_negative, layers fall back to the transformed FP32 weights quantize_ort wrote next
         # to q_all (the same function as fp32_onnx)
         fref = q_all.with_name(PREPARED_FP32) if rec.equalize > 0 or rec.shift_negative else Path(fp32_onnx)
@@ -149,6 +151,8 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
             "met": met,
             "max_drop_points": max_drop,
             "split": settings.split,
+            "runtime": settings.runtime,  # what scored and timed every model, as in compare.json
+            "runtimes": runtime_versions([settings.runtime]),
             "fp32_mAP50-95": round(fp32_map, 5),
             "int8_mAP50-95": round(int8_map, 5),
             "mixed_mAP50-95": round(best_map, 5),
@@ -198,7 +202,7 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
 def _latency(models: dict, data, settings, threads) -> dict:
     """Batch-1 latency of FP32, all-INT8 and the mixed model, interleaved (`compare.measure_latency`)."""
 
-    dets = {k: open_model(p, threads) for k, p in models.items()}
+    dets = {k: open_model(p, threads, settings.runtime) for k, p in models.items()}
     first = image_files(load_data_yaml(data, require=(settings.split,)), settings.split)[0]
     x = to_input([letterbox(read_image(first), dets["fp32"].imgsz)[0]])
     lat = measure_latency(dets, x, batch=settings.batch)

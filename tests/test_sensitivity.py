@@ -241,6 +241,29 @@ def test_max_drop_with_int16_fallback(small_run, synth_small, clipping, tmp_path
     assert "a model, not a measurement" in c["model"]
 
 
+def test_max_drop_is_measured_on_the_runtime_that_deploys_the_model(small_run, synth_small, clipping, tmp_path):
+    """`quantize --max-drop --runtime openvino`: every model is scored on OpenVINO, the model written is one OpenVINO
+    runs right (uint8 activations, from a signed recipe too: runtime.openvino_caveat), and mixed.json says which
+    runtime made its numbers. Before, the budget was measured on ONNX Runtime whatever deployed the model."""
+    from qbench.runtime import signed_activation_quantizers
+
+    out = tmp_path / "ov" / "int8.onnx"
+    signed = recipe_from_dict({**CLIPPING, "activation_type": "int8", "activation_symmetric": True})
+    r = quantize_max_drop(small_run / "fp32.onnx", out, signed, clipping, synth_small, 100.0,
+                          settings=EvalSettings(runtime="openvino"))
+    assert r["met"] and r["float_layers"] == []
+    assert r["runtime"] == "openvino" and r["runtimes"]["openvino"].startswith("OpenVINO")
+    assert json.loads((out.parent / "mixed.json").read_text())["runtime"] == "openvino"
+    assert signed_activation_quantizers(out) == 0
+    for model, key in ((small_run / "fp32.onnx", "fp32_mAP50-95"), (out, "int8_mAP50-95")):
+        ov = evaluate(model, synth_small, EvalSettings(runtime="openvino"))
+        assert "runtime_caveat" not in ov["model"]
+        assert ov["metrics"]["mAP50-95"] == pytest.approx(r[key], abs=1e-5), key
+    ort_r = quantize_max_drop(small_run / "fp32.onnx", tmp_path / "ort" / "int8.onnx", signed, clipping,
+                              synth_small, 100.0)
+    assert ort_r["runtime"] == "ort" and signed_activation_quantizers(tmp_path / "ort" / "int8.onnx") > 0
+
+
 def test_unreachable_budget_is_reported_and_writes_no_model(small_run, synth_small, clipping, tmp_path):
     out = tmp_path / "u" / "int8.onnx"
     with pytest.raises(QbenchError, match="cannot be met within 0 FP32 layers"):
@@ -263,7 +286,13 @@ def test_cli_sensitivity_and_max_drop_bad_input(small_run, synth_small, tmp_path
     assert r.returncode == 2 and "is not an .onnx file path" in r.stderr and not (tmp_path / "dir").exists()
     r = run_cli("quantize", str(small_run / "fp32.onnx"), "--out", str(tmp_path / "a.onnx"), "--calib",
                 calib, "--max-float", "2")
-    assert r.returncode == 2 and "--max-float and --fallback only apply with --max-drop" in r.stderr
+    assert r.returncode == 2 and "--max-float, --fallback and --runtime only apply with --max-drop" in r.stderr
+    r = run_cli("quantize", str(small_run / "fp32.onnx"), "--out", str(tmp_path / "a.onnx"), "--calib",
+                calib, "--runtime", "openvino")
+    assert r.returncode == 2 and "only apply with --max-drop" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("quantize", str(small_run / "fp32.onnx"), "--out", str(tmp_path / "a.onnx"), "--data",
+                str(synth_small), "--max-drop", "0.3", "--runtime", "tflite")
+    assert r.returncode == 2 and "tflite" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "a.onnx").exists()
     r = run_cli("quantize", str(small_run / "fp32.onnx"), "--out", str(tmp_path / "a.onnx"), "--data",
                 str(synth_small), "--max-drop", "0.3", "--profile", "cpu", "--fallback", "int16")
