@@ -33,33 +33,44 @@ METRICS = ("precision", "recall", "mAP50", "mAP50-95")
 
 
 def measure_latency(dets: dict[str, Detector], sample: np.ndarray, batch: int = 16, rounds: int = 20,
-                    warmup: int = 3) -> dict:
-    """{name: {batch1_median_ms, batch1_p90_ms, batch{B}_images_per_s}} for each open model, interleaved."""
+                    warmup: int = 3, block: int = 3) -> dict:
+    """{name: {batch1_median_ms, batch1_p90_ms, batch{B}_images_per_s}} for each open model.
+
+    Each model runs as a deployment serving a stream of images runs it (`Detector.timed_forward`: ONNX Runtime's
+    worker threads spin between runs, its default) and is timed in steady state: about `rounds` timed runs each, in
+    blocks of `block` that follow one untimed run (its threads wake, the previous model's settle), the models'
+    blocks in turn, so slow drift of a shared machine hits every model alike. Timing single runs of sessions whose
+    threads sleep between runs, as qbench did before, made ONNX Runtime 6-7% slower than it serves a stream
+    (paired, the 2-core Xeon) and every speedup against it that much too high."""
     x1 = sample[:1]
     xb = np.repeat(sample[:1], batch, axis=0)
+    fwd = {k: det.timed_forward() for k, det in dets.items()}
 
-    def run_batch(det):  # a static batch-1 model (e.g. ultralytics' INT8 export) takes the batch image by image
-        if det.dynamic_batch:
-            det.forward(xb)
+    def run_batch(k):  # a static batch-1 model (e.g. ultralytics' INT8 export) takes the batch image by image
+        if dets[k].dynamic_batch:
+            fwd[k](xb)
         else:
             for i in range(batch):
-                det.forward(xb[i:i + 1])
+                fwd[k](xb[i:i + 1])
 
-    for det in dets.values():
+    for k in dets:
         for _ in range(warmup):
-            det.forward(x1)
-        run_batch(det)
+            fwd[k](x1)
+        run_batch(k)
     t1 = {k: [] for k in dets}
     tb = {k: [] for k in dets}
-    for _ in range(rounds):
-        for k, det in dets.items():
-            t = time.perf_counter()
-            det.forward(x1)
-            t1[k].append(time.perf_counter() - t)
+    for _ in range(max(1, -(-rounds // block))):
+        for k in dets:
+            fwd[k](x1)
+            for _ in range(block):
+                t = time.perf_counter()
+                fwd[k](x1)
+                t1[k].append(time.perf_counter() - t)
     for _ in range(max(3, rounds // 5)):
-        for k, det in dets.items():
+        for k in dets:
+            fwd[k](x1)
             t = time.perf_counter()
-            run_batch(det)
+            run_batch(k)
             tb[k].append(time.perf_counter() - t)
     out = {}
     for k in dets:
