@@ -1,8 +1,9 @@
 """FP32 vs INT8 through the same evaluation path: accuracy deltas, latency, size.
 
-Latency is measured in one process, FP32 and INT8 interleaved round by round
-(so both see the same machine state), with the same thread count: batch-1
-median and p90 over repeated runs, and batched throughput in images/s.
+Latency is measured in one process with the same thread count, each model as a
+deployment serving a stream runs it, in steady-state blocks that take turns (so
+every model sees the same machine state; `measure_latency`): batch-1 median and
+p90 over repeated runs, and batched throughput in images/s.
 
 `compare_profiles` quantizes one FP32 model once per NPU profile (and fusion)
 and puts FP32 and every INT8 variant in one such table. Latency there is ORT's

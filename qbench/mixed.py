@@ -200,7 +200,7 @@ def quantize_max_drop(fp32_onnx: str | os.PathLike, out_onnx: str | os.PathLike,
 
 
 def _latency(models: dict, data, settings, threads) -> dict:
-    """Batch-1 latency of FP32, all-INT8 and the mixed model, interleaved (`compare.measure_latency`)."""
+    """Batch-1 latency of FP32, all-INT8 and the mixed model, in turns (`comparison.measure_latency`)."""
 
     dets = {k: open_model(p, threads, settings.runtime) for k, p in models.items()}
     first = image_files(load_data_yaml(data, require=(settings.split,)), settings.split)[0]

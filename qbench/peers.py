@@ -19,7 +19,8 @@ calibration set):
 
 Accuracy: mAP50-95 against the FP32 model on ONNX Runtime, with the paired-bootstrap 95% interval, on the val
 split and, when given, a held-out set (`qbench data heldout`). Speed: batch-1 median latency against the FP32
-model on ONNX Runtime, measured interleaved in the same command. peers.json holds a row per model.
+model on ONNX Runtime, measured in the same command (`comparison.measure_latency`: steady state, the models'
+blocks in turn). peers.json holds a row per model.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ already there, so re-running the same command after an interruption resumes):
    fake-quant model's, which is checked).
 5. checks and scores: the QAT INT8 ONNX against the PyTorch fake-quant model on a few val images (refused below
    `check.MIN_MATCH_DB`), its int8 weights against PTQ's (refused when training changed none), the int8 kernels
-   ORT fused, and FP32 / PTQ / QAT through `qbench.comparison.compare` (one evaluation path, latency interleaved);
+   ORT fused, and FP32 / PTQ / QAT through `qbench.comparison.compare` (one evaluation path, latency in turns);
    `summary.md` and `report.html` (qbench.report: the FP32 / PTQ / QAT table, the training per epoch, the checks);
    `qat.json` is written last (atomically): a folder with qat.json is a finished run.
 
