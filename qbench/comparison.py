@@ -41,8 +41,9 @@ def measure_latency(dets: dict[str, Detector], sample: np.ndarray, batch: int = 
     worker threads spin between runs, its default) and is timed in steady state: about `rounds` timed runs each, in
     blocks of `block` that follow one untimed run (its threads wake, the previous model's settle), the models'
     blocks in turn, so slow drift of a shared machine hits every model alike. Timing single runs of sessions whose
-    threads sleep between runs, as qbench did before, made ONNX Runtime 6-7% slower than it serves a stream
-    (paired, the 2-core Xeon) and every speedup against it that much too high."""
+    threads sleep between runs, as qbench did before, made ONNX Runtime slower than it serves a stream (paired, at
+    640 on the 2-core Xeon: FP32 about 3%, INT8 about 11%; results/bench/ort-spinning), its speedups of other
+    runtimes against it that much too high, and its own INT8's too low."""
     x1 = sample[:1]
     xb = np.repeat(sample[:1], batch, axis=0)
     fwd = {k: det.timed_forward() for k, det in dets.items()}

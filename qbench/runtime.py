@@ -149,7 +149,8 @@ def ort_session(path: str | Path | bytes, threads: int | None = None, optimize: 
     Its idle worker threads sleep at once unless `spinning` (ONNX Runtime's default): qbench keeps several
     sessions open (FP32, INT8, variants) and runs them in turn, and a spinning pool of one session steals the cores
     of the next (on 2 cores that doubled latencies). A session that serves a stream of images, as a deployment
-    does, spins: its latency is timed that way (`measure_latency`; 6-7% faster on the 2-core Xeon).
+    does, spins: its latency is timed that way (`measure_latency`; at 640 on the 2-core Xeon FP32 ran about 3% and
+    INT8 about 11% faster so: results/bench/ort-spinning).
 
     ONNX Runtime cannot load some models in exact mode (1.32: an int8 constant whose DequantizeLinear feeds two
     nodes, as `quantize_static`'s defaults make of a YOLO decode's anchors: "Attempt to replace the existing
