@@ -246,10 +246,10 @@ def quantize(
                                                allow_scored_calib=allow_scored_calib, progress=True,
                                                fallback=fallback, runtime=runtime)
         m = r.report
-        typer.echo(f"wrote {out}: mAP50-95 on {m['runtimes'][runtime]} {m['fp32_mAP50-95']:.4f} FP32, {m['int8_mAP50-95']:.4f} all-INT8 "
-                   f"(-{m['drop_points']['int8']} points), {m['mixed_mAP50-95']:.4f} mixed "
-                   f"(-{m['drop_points']['mixed']} points, budget {max_drop}) with {len(m['float_layers'])} of "
-                   f"{m['quantized_convs']} convs in {'INT16' if fallback == 'int16' else 'FP32'}:")
+        typer.echo(f"wrote {out}: mAP50-95 on {m['runtimes'][runtime]} {m['fp32_mAP50-95']:.4f} FP32, "
+                   f"{m['int8_mAP50-95']:.4f} all-INT8 (-{m['drop_points']['int8']} points), "
+                   f"{m['mixed_mAP50-95']:.4f} mixed (-{m['drop_points']['mixed']} points, budget {max_drop}) with "
+                   f"{len(m['float_layers'])} of {m['quantized_convs']} convs in {'INT16' if fallback == 'int16' else 'FP32'}:")
         for f in m["float_layers"]:
             typer.echo(f"  {f['layer']}: {f['why']}")
         typer.echo(f"details: {out.parent / 'mixed.json'}, {out.parent / 'sensitivity.csv'}")

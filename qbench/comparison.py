@@ -210,8 +210,8 @@ def compare_md(c: dict) -> str:
              f"conf {s['conf']}, iou {s['iou']}, {c['threads']} threads."]
     if c.get("host"):  # files written before qbench recorded it have none
         ort = "ort" in (c.get("runtimes") or {"ort": ""})
-        lines.append(f"CPU: {cpu_text(c['host'])}" + (f"; ONNX Runtime int8 kernels: {c['host']['int8_kernels']}." if ort
-                                                    else "."))
+        kernels = f"; ONNX Runtime int8 kernels: {c['host']['int8_kernels']}." if ort else "."
+        lines.append(f"CPU: {cpu_text(c['host'])}{kernels}")
     if c.get("runtimes"):
         lines.append(f"Runtime: {', '.join(c['runtimes'].values())}"
                      + ("; each model's in its row." if len(c["runtimes"]) > 1 else "."))

@@ -48,6 +48,9 @@ def _cpu_name() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni"}  # /proc/cpuinfo's names of VNNI: u8 x s8 products added in 32 bits
+
+
 def cpu_isa() -> str | None:
     """The x86 extensions that decide int8 and float speed (and, without VNNI, int8 saturation), as the kernel lists
     them: "AVX-512, VNNI, bf16", "AVX2, no VNNI", ...; None where /proc/cpuinfo lists no flags (not Linux/x86)."""
@@ -55,7 +58,7 @@ def cpu_isa() -> str | None:
     if not flags or not flags & {"sse2", "avx", "avx2"}:
         return None
     parts = ["AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2",
-             "VNNI" if flags & {"avx512_vnni", "avx_vnni"} else "no VNNI"]
+             "VNNI" if flags & VNNI_FLAGS else "no VNNI"]
     parts += [name for name, fl in (("bf16", {"avx512_bf16", "amx_bf16"}), ("AMX", {"amx_int8"})) if flags & fl]
     return ", ".join(parts)
 
@@ -124,7 +127,7 @@ def int8_host() -> dict:
     except Exception as e:  # no probe, no claim: sessions keep ONNX Runtime's defaults
         return {"cpu": cpu, "isa": isa, "u8s8_saturates": None, "exact_mode": False,
                 "int8_kernels": f"ONNX Runtime's defaults (the saturation probe failed: {e})"}
-    if saturates and {"avx512_vnni", "avx_vnni"} & set((_cpuinfo("flags") or "").split()):
+    if saturates and VNNI_FLAGS & set((_cpuinfo("flags") or "").split()):
         # the kernel lists VNNI, yet ORT's kernels saturate: CPUID hides it from this process (an AVX2 CPU emulated
         # with tests/isa/maskcpu.c, or a hypervisor), so every kernel choice and timing here is such a CPU's
         cpu += " with VNNI hidden from CPUID (it runs the kernels of a CPU without VNNI)"
@@ -292,31 +295,14 @@ def saturating_input_convs(path: str | Path) -> list[str]:
     of uint8 x int8 products in saturating 16-bit arithmetic; the image's 0-255 codes times such weights overflow
     it (255 * 127 * 2 = 64770 > 32767), and 7-bit weights cannot (255 * 64 * 2 = 32640)."""
     import onnx
-    from onnx import numpy_helper
 
-    g = onnx.load(str(path)).graph
-    inputs = {i.name for i in g.input}
-    init = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
+    from .graph.qdq import activation_quantizers, weight_quantizers
 
-    def made_by(t, op):
-        n = producer.get(t)
-        return n if n is not None and n.op_type == op else None
-
-    out = []
-    for n in g.node:
-        if n.op_type != "Conv" or len(n.input) < 2:
-            continue
-        x_dq, w_dq = made_by(n.input[0], "DequantizeLinear"), made_by(n.input[1], "DequantizeLinear")
-        if x_dq is None or w_dq is None or w_dq.input[0] not in init:
-            continue
-        x_q = made_by(x_dq.input[0], "QuantizeLinear")
-        if x_q is None or x_q.input[0] not in inputs:
-            continue
-        w = numpy_helper.to_array(init[w_dq.input[0]])
-        if w.dtype == np.int8 and np.abs(w.astype(np.int16)).max() > 64:
-            out.append(n.name)
-    return out
+    model = onnx.load(str(path))
+    image = {a.dequantized for a in activation_quantizers(model).values() if a.producer == "input"}
+    weights = weight_quantizers(model)
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and n.input[0] in image and n.name in weights
+            and weights[n.name].q.dtype == np.int8 and np.abs(weights[n.name].q.astype(np.int16)).max() > 64]
 
 
 def openvino_caveat(path: str | Path) -> str | None:

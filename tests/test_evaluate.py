@@ -167,9 +167,9 @@ def test_delta_interval_resolves_a_real_loss_and_not_a_null_one(default_onnx, sy
 def test_latency_is_timed_on_a_session_that_serves_a_stream(default_onnx):
     """qbench evaluates on ONNX Runtime sessions whose worker threads sleep between runs (several sessions take
     turns on the cores), but a deployment serving a stream runs with ORT's default, threads spinning between runs,
-    about 3% (FP32) and 11% (INT8) faster at 640 on the 2-core Xeon: every latency used to be timed on the sleeping session, so ONNX Runtime's FP32
-    looked slower than it runs and every speedup against it higher. measure_latency now times the streaming
-    session only, and the evaluation session keeps its sleeping threads."""
+    about 3% (FP32) and 11% (INT8) faster at 640 on the 2-core Xeon: every latency used to be timed on the sleeping
+    session, so ONNX Runtime looked slower than it runs and every speedup against its FP32 higher. measure_latency
+    now times the streaming session only, and the evaluation session keeps its sleeping threads."""
     import dataclasses
 
     from qbench.comparison import measure_latency
