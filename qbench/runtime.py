@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import QbenchError
+from .graph.qdq import activation_quantizers, weight_quantizers
 from .models.export import read_onnx_meta
 from .models.load import checkpoint_imgsz, load_checkpoint
 
@@ -295,8 +296,6 @@ def saturating_input_convs(path: str | Path) -> list[str]:
     of uint8 x int8 products in saturating 16-bit arithmetic; the image's 0-255 codes times such weights overflow
     it (255 * 127 * 2 = 64770 > 32767), and 7-bit weights cannot (255 * 64 * 2 = 32640)."""
     import onnx
-
-    from .graph.qdq import activation_quantizers, weight_quantizers
 
     model = onnx.load(str(path))
     image = {a.dequantized for a in activation_quantizers(model).values() if a.producer == "input"}
